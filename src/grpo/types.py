@@ -1,0 +1,114 @@
+"""Typed containers passed between the parts of a GRPO step.
+
+Shape letters, used in every docstring and on tensor lines across the package:
+
+    B  prompts in a batch
+    G  completions per prompt (``num_generations``)
+    N  = B * G, completions in a batch; row ``b * G + g`` is completion g of prompt b
+    P  prompt tokens (left-padded to the longest prompt of the batch)
+    T  completion tokens (right-padded to the longest completion of the batch)
+    K  reasoning steps in one completion (process supervision)
+
+Masks are 0/1 tensors of the same shape as what they mask; padding is always masked,
+never filled with a sentinel value that later code must remember to skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How completions are drawn. Names follow TRL's GRPOConfig."""
+
+    num_generations: int = 8
+    """G: completions sampled per prompt."""
+    max_completion_length: int = 64
+    """T_max: new tokens per completion at most; a completion that reaches it is truncated."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest token set whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables it."""
+    eos_token_ids: tuple[int, ...] = ()
+    """Generation of a completion stops after it emits any of these ids (kept in the mask)."""
+    pad_token_id: int = 0
+    """Id written into padded positions of ``completion_ids`` (always masked out)."""
+
+
+@dataclass
+class Rollout:
+    """G sampled completions for each of B prompts, as the engine returns them.
+
+    The prompt tensors hold each prompt once; the completion tensors hold N = B * G rows,
+    grouped: rows ``b*G .. b*G + G - 1`` belong to prompt b. Groups are never split.
+    """
+
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [N, T] right-padded with pad_token_id
+    completion_mask: torch.Tensor  # [N, T] 1 on generated tokens, EOS included
+    sample_logp: torch.Tensor  # [N, T] log-prob of each token under the sampling distribution
+    truncated: torch.Tensor  # [N] bool: stopped by max_completion_length, not by EOS
+    group_size: int  # G
+
+    @property
+    def num_prompts(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(dim=1)  # [N]
+
+
+@dataclass
+class Batch:
+    """One scored rollout batch, ready for the policy update.
+
+    ``input_ids`` is the prompt repeated per completion followed by the completion, so one
+    forward pass of a causal LM yields the log-probs of every completion token.
+    """
+
+    input_ids: torch.Tensor  # [N, P + T]
+    attention_mask: torch.Tensor  # [N, P + T]
+    completion_mask: torch.Tensor  # [N, T] float 0/1
+    advantages: torch.Tensor  # [N, T] per-token advantage
+    old_logp: torch.Tensor | None = None  # [N, T] policy log-probs at sampling time (mu > 1)
+    ref_logp: torch.Tensor | None = None  # [N, T] reference-model log-probs (beta > 0)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-algorithm [N, T] terms
+
+    @property
+    def num_completions(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def completion_length(self) -> int:
+        return self.completion_mask.shape[1]
+
+    def rows(self, index: torch.Tensor | slice) -> Batch:
+        """The sub-batch of the given completion rows (a mini- or micro-batch)."""
+
+        def take(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[index]
+
+        return Batch(
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            completion_mask=self.completion_mask[index],
+            advantages=self.advantages[index],
+            old_logp=take(self.old_logp),
+            ref_logp=take(self.ref_logp),
+            extras={k: v[index] for k, v in self.extras.items()},
+        )
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss to backpropagate and the detached metrics that explain it."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
