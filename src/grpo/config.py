@@ -1,0 +1,249 @@
+"""One typed configuration, grouped by concern, validated once.
+
+A run is described by a YAML file whose top-level keys are the sections below, plus
+``key=value`` overrides on the command line (``algorithm.beta=0``); every leaf that a
+TRL user knows keeps TRL's name (``num_generations``, ``beta``, ``epsilon``, ...).
+Unknown keys are errors, not silently ignored settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = "runs/tiny-model"
+    """Local directory or hub id of the policy, loaded with ``from_pretrained``."""
+    ref_name_or_path: str | None = None
+    """Reference model for the KL term; defaults to the policy's starting weights."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype of the policy and reference model."""
+
+
+class DataConfig(_Section):
+    task: str | None = "add2"
+    """Built-in task (see ``grpo.tasks``); ignored when ``train_file`` is set."""
+    train_file: str | None = None
+    """JSONL or Parquet file of prompts (one row per prompt, extra columns go to rewards)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt: a string, or a list of chat messages (chat template applied)."""
+    num_train_prompts: int = Field(default=5000, ge=1)
+    """How many prompts a built-in task generates for training."""
+    num_eval_prompts: int = Field(default=200, ge=1)
+    """How many held-out prompts a built-in task generates for evaluation."""
+
+
+class RolloutConfig(_Section):
+    engine: Literal["torch", "vllm"] = "torch"
+    """Generation engine: ``torch`` (any transformers model) or ``vllm`` (GPU, optional extra)."""
+    prompts_per_step: int = Field(default=8, ge=1)
+    """B: prompts drawn per training step; the step samples B * num_generations completions."""
+    num_generations: int = Field(default=8, ge=2)
+    """G: completions per prompt (group size). GRPO needs at least 2 to form a baseline."""
+    max_completion_length: int = Field(default=64, ge=1)
+    """New tokens per completion at most; longer completions are truncated."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature; log-probs in the loss use the same temperature."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling threshold (1.0 disables it)."""
+    top_k: int = Field(default=0, ge=0)
+    """Top-k sampling (0 disables it)."""
+
+
+class RewardsConfig(_Section):
+    functions: list[str] = Field(default_factory=lambda: ["arithmetic_correct"])
+    """Reward functions: registry names, ``path/file.py:function`` or ``module:function``."""
+    weights: list[float] | None = None
+    """One weight per function (default: all 1)."""
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> RewardsConfig:
+        if not self.functions:
+            raise ValueError("functions is empty: give at least one reward function")
+        if self.weights is not None and len(self.weights) != len(self.functions):
+            raise ValueError(
+                f"weights has {len(self.weights)} entries but functions has "
+                f"{len(self.functions)}: give one weight per function"
+            )
+        return self
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["grpo"] = "grpo"
+    """Policy-gradient estimator."""
+    beta: float = Field(default=0.04, ge=0)
+    """KL weight (eq. IV.I). 0 loads no reference model at all."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator; k3 (Schulman) is unbiased and never negative."""
+    epsilon: float = Field(default=0.2, ge=0)
+    """Lower clip range of the ratio (PPO's epsilon)."""
+    epsilon_high: float | None = Field(default=None, ge=0)
+    """Upper clip range; defaults to ``epsilon``. DAPO's clip-higher uses 0.28."""
+    num_iterations: int = Field(default=1, ge=1)
+    """mu: optimisation passes over each rollout batch (DeepSeekMath's GRPO iterations)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage scaling: group std (paper), batch std (REINFORCE++), none (Dr. GRPO)."""
+    advantage_eps: float = Field(default=1e-4, gt=0)
+    """Added to the std before dividing, so zero-std groups give advantage 0."""
+    loss_type: Literal["grpo", "token_mean", "dr_grpo"] = "grpo"
+    """Aggregation: per-completion mean (paper), token mean (DAPO), constant budget (Dr. GRPO)."""
+    ref_reset_every: int = Field(default=0, ge=0)
+    """Reset the reference model to the policy every N steps (iterative RL); 0 never."""
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+class OptimConfig(_Section):
+    learning_rate: float = Field(default=1e-6, gt=0)
+    """Peak AdamW learning rate."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay."""
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.99, ge=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    """Global gradient-norm clip; 0 disables it."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warmup."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Optimizer steps of linear warmup from 0."""
+    max_steps: int = Field(default=100, ge=1)
+    """Training steps (one rollout batch each)."""
+    num_minibatches: int = Field(default=1, ge=1)
+    """Optimizer steps per pass over a rollout batch; each mini-batch holds whole groups."""
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Micro-batches per mini-batch (memory only: the gradient is the same)."""
+
+
+class RunConfig(_Section):
+    output_dir: str = "runs/grpo"
+    """Where the log, checkpoints, plots and final model go."""
+    seed: int = 0
+    """Seeds data order, sampling and initialisation."""
+    num_threads: int = Field(default=0, ge=0)
+    """torch CPU threads; 0 keeps torch's default."""
+    log_every: int = Field(default=1, ge=1)
+    """Write metrics every N steps."""
+    save_every: int = Field(default=0, ge=0)
+    """Checkpoint every N steps (0: only at the end and on Ctrl-C)."""
+    eval_every: int = Field(default=0, ge=0)
+    """Evaluate held-out accuracy every N steps on built-in tasks (0: never during training)."""
+    eval_prompts: int = Field(default=100, ge=1)
+    """Held-out prompts used by the periodic evaluation."""
+    progress: bool = True
+    """Show a progress bar on the console."""
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> Config:
+        b, mb, gas = self.rollout.prompts_per_step, self.optim.num_minibatches, self.optim.gradient_accumulation_steps
+        if b % mb:
+            raise ValueError(
+                f"optim.num_minibatches={mb} does not divide rollout.prompts_per_step={b}: "
+                "each mini-batch must hold whole groups"
+            )
+        per_mini = b * self.rollout.num_generations // mb
+        if per_mini % gas:
+            raise ValueError(
+                f"optim.gradient_accumulation_steps={gas} does not divide the {per_mini} "
+                "completions of a mini-batch"
+            )
+        return self
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.rollout.prompts_per_step * self.rollout.num_generations
+
+    @property
+    def needs_old_logp(self) -> bool:
+        """With one optimizer step per rollout batch the ratio is exactly 1 (old = logp.detach())."""
+        return self.algorithm.num_iterations > 1 or self.optim.num_minibatches > 1
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key (value {e['input']!r}); check the spelling")
+        elif e["type"] == "model_type" or not e["loc"]:
+            lines.append(f"{where}: {e['msg']}")
+        else:
+            lines.append(f"{where} = {e['input']!r}: {e['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["algorithm.beta=0", "run.seed=3"]`` -> a nested dict; values parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. algorithm.beta=0.04")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
+    """Validate a nested dict (plus ``key=value`` overrides) into a Config, or raise ConfigError."""
+    tree = _merge(data or {}, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file (or none: all defaults) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top")
+    return build_config(data, overrides)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))

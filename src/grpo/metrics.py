@@ -1,0 +1,79 @@
+"""Metric sinks: a JSONL log (one object per logged step) and a console progress bar.
+
+Metric names follow TRL where the quantity is the same (``reward``, ``reward_std``,
+``frac_reward_zero_std``, ``kl``, ``entropy``, ``clip_ratio/low_mean``,
+``completions/mean_length``), so dashboards and habits carry over.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+CONSOLE_KEYS = ("reward", "kl", "completions/mean_length", "tokens_per_s", "eval/accuracy")
+
+
+def masked_mean(x, mask) -> float:
+    """Mean of ``x`` over positions where ``mask`` is 1, as a Python float (0 if empty)."""
+    total = mask.sum()
+    return float((x * mask).sum() / total) if total > 0 else 0.0
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    lines = Path(path).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+class MetricsLogger:
+    """Appends each step's metrics to ``OUTPUT_DIR/metrics.jsonl`` and shows progress.
+
+    Appending (not rewriting) keeps the log of a resumed run continuous; on resume, lines
+    from steps after the checkpoint are dropped so the log matches the weights.
+    """
+
+    def __init__(self, output_dir: str | Path, total_steps: int, start_step: int = 0, progress: bool = True):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.console = Console(stderr=True)
+        self.progress = (
+            Progress(
+                TextColumn("[bold]GRPO"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self.console,
+                disable=not progress,
+            )
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+
+    def __enter__(self) -> MetricsLogger:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        info = "  ".join(f"{k.split('/')[-1]} {row[k]:.3g}" for k in CONSOLE_KEYS if k in row and row[k] is not None)
+        self.progress.update(self.task, completed=step, info=info)
+
+    def advance(self, step: int) -> None:
+        self.progress.update(self.task, completed=step)
+
+
+def _clean(v: Any) -> Any:
+    v = float(v) if hasattr(v, "item") or isinstance(v, int | float) else v
+    return None if isinstance(v, float) and not math.isfinite(v) else v
