@@ -1,0 +1,339 @@
+"""Calling reward functions on a batch, checking what they return, and combining them.
+
+A reward function is a plain callable with TRL's signature, so TRL reward functions work
+unchanged::
+
+    f(prompts: list, completions: list, **kwargs) -> list[float | None]
+
+It is called once per batch of N completions, with keyword arguments only:
+
+- ``prompts``: N prompts, already repeated per completion (row ``b*G + g`` is prompt b),
+  each a string or, in conversational format, a list of ``{"role", "content"}`` messages;
+- ``completions``: N completions, each a string or ``[{"role": "assistant", "content": ...}]``;
+- every dataset column (``solution``, ``tests``, ...) as a list of N values;
+- ``completion_ids``: N lists of token ids, when the caller has them.
+
+It returns one value per completion: a float (int and bool count), or ``None`` (NaN counts
+as ``None``) where the function does not apply to that sample. Functions that do not use a
+column accept ``**kwargs``.
+
+Shapes: N completions in the batch (N = B * G), F reward functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.util
+import math
+import numbers
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RewardFunction = Callable[..., Sequence[Any]]
+
+REWARDS: dict[str, RewardFunction] = {}
+"""Built-in and registered reward functions by name; ``load_reward_function`` reads it."""
+
+_RESERVED = ("prompts", "completions", "completion_ids")
+
+
+class RewardError(ValueError):
+    """A reward function failed, returned something unusable, or could not be loaded."""
+
+
+@dataclass
+class RewardOutput:
+    """Rewards of one batch: the weighted sum and each function's own values."""
+
+    rewards: torch.Tensor  # [N] sum over functions of weight * value, None entries skipped
+    per_function: torch.Tensor  # [N, F] each function's value, NaN where it returned None
+    names: list[str]  # [F] function names, unique, in the order given
+
+
+def register_reward(name: str) -> Callable[[RewardFunction], RewardFunction]:
+    """Decorator adding a reward function to ``REWARDS`` under ``name``.
+
+    Registering a second, different function under a taken name is an error; registering
+    the same function again (a module imported twice) is not.
+    """
+
+    def decorator(function: RewardFunction) -> RewardFunction:
+        taken = REWARDS.get(name)
+        if taken is not None and _qualified_name(taken) != _qualified_name(function):
+            raise RewardError(
+                f"reward name {name!r} is already registered to {_qualified_name(taken)}; "
+                f"cannot register {_qualified_name(function)} under it"
+            )
+        REWARDS[name] = function
+        return function
+
+    return decorator
+
+
+def completion_text(completion: Any) -> str:
+    """The text of one completion: itself if a string, else its last assistant message.
+
+    >>> completion_text("4")
+    '4'
+    >>> completion_text([{"role": "assistant", "content": "4"}])
+    '4'
+    """
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return _content_text(completion.get("content"))
+    if isinstance(completion, (list, tuple)):
+        messages = [m for m in completion if isinstance(m, dict)]
+        assistant = [m for m in messages if m.get("role", "assistant") == "assistant"]
+        if assistant or messages:
+            return _content_text((assistant or messages)[-1].get("content"))
+        return ""
+    return "" if completion is None else str(completion)
+
+
+def _content_text(content: Any) -> str:
+    # Newer chat formats allow content as a list of parts: [{"type": "text", "text": ...}].
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def score(
+    functions: Sequence[RewardFunction],
+    weights: Sequence[float] | None,
+    prompts: list,
+    completions: list,
+    columns: dict[str, list],
+    completion_ids: list[list[int]] | None = None,
+) -> RewardOutput:
+    """Score N completions with F reward functions and combine them (TRL's nansum).
+
+    ``rewards[n] = sum_f weights[f] * value[n, f]`` over the functions that returned a value
+    for sample n; a sample for which every function returned None is an error. Each function
+    is called once on the whole batch. A function that raises is called again one sample at
+    a time to name the sample that makes it raise (only on that error path).
+
+    Args:
+        functions: F reward functions.
+        weights: F weights, or None for all ones.
+        prompts: N prompts, repeated per completion.
+        completions: N completions.
+        columns: dataset columns, each a list of N values, passed as keyword arguments.
+        completion_ids: N token id lists, passed as ``completion_ids`` when given.
+
+    Raises:
+        RewardError: naming the function, the sample index and its completion.
+    """
+    if not functions:
+        raise RewardError("score() needs at least one reward function, got none")
+    if weights is None:
+        weights = [1.0] * len(functions)
+    if len(weights) != len(functions):
+        raise RewardError(
+            f"got {len(weights)} reward weights for {len(functions)} reward functions; "
+            "give one weight per function"
+        )
+    n = len(completions)
+    _check_batch(n, prompts, columns, completion_ids)
+    kwargs = dict(columns)
+    if completion_ids is not None:
+        kwargs["completion_ids"] = completion_ids
+
+    names = _unique_names(functions)
+    per_function = torch.full((n, len(functions)), math.nan)  # [N, F]
+    for f, function in enumerate(functions):
+        values = _call(function, names[f], prompts, completions, kwargs)
+        per_function[:, f] = torch.tensor(values, dtype=torch.float32)  # [N]
+
+    missing = per_function.isnan().all(dim=1)  # [N]
+    if missing.any():
+        i = int(missing.nonzero()[0])
+        raise RewardError(
+            f"sample {i} (completion {_preview(completions[i])}) got None from every reward "
+            f"function ({', '.join(names)}); at least one must score each sample"
+        )
+    weight = torch.tensor([float(w) for w in weights])  # [F]
+    rewards = (per_function * weight).nansum(dim=1)  # [N]
+    return RewardOutput(rewards=rewards, per_function=per_function, names=names)
+
+
+def _check_batch(
+    n: int, prompts: list, columns: dict[str, list], completion_ids: list | None
+) -> None:
+    if len(prompts) != n:
+        raise RewardError(
+            f"got {len(prompts)} prompts for {n} completions; repeat each prompt once per "
+            "completion"
+        )
+    for key, column in columns.items():
+        if key in _RESERVED:
+            raise RewardError(f"dataset column {key!r} clashes with a reward function argument")
+        if len(column) != n:
+            raise RewardError(f"dataset column {key!r} has {len(column)} values for {n} samples")
+    if completion_ids is not None and len(completion_ids) != n:
+        raise RewardError(f"got {len(completion_ids)} completion_ids for {n} completions")
+
+
+def _call(
+    function: RewardFunction, name: str, prompts: list, completions: list, kwargs: dict
+) -> list[float]:
+    """One batched call, checked: N finite floats, NaN where the function returned None."""
+    n = len(completions)
+    try:
+        result = function(prompts=prompts, completions=completions, **kwargs)
+    except Exception as error:
+        i = _first_failing_sample(function, prompts, completions, kwargs)
+        where = (
+            f"sample {i} (completion {_preview(completions[i])})"
+            if i is not None
+            else "the batch (no single sample raises alone, so the sample is unknown)"
+        )
+        raise RewardError(
+            f"reward function {name!r} raised {type(error).__name__}: {error} on {where}"
+        ) from error
+
+    if isinstance(result, torch.Tensor) or hasattr(result, "tolist"):
+        if getattr(result, "ndim", 1) != 1:
+            raise RewardError(
+                f"reward function {name!r} returned an array of shape "
+                f"{tuple(result.shape)}; expected a 1-D list of {n} floats or None"
+            )
+        result = result.tolist()
+    if not isinstance(result, (list, tuple)):
+        raise RewardError(
+            f"reward function {name!r} returned {type(result).__name__}; expected a list of "
+            f"{n} floats or None, one per completion"
+        )
+    if len(result) != n:
+        i = min(len(result), n - 1)
+        raise RewardError(
+            f"reward function {name!r} returned {len(result)} values for {n} completions; "
+            f"expected one float or None per completion (sample {i}, completion "
+            f"{_preview(completions[i])}, is the first without its own value)"
+        )
+    return [_check_value(value, name, i, completions[i]) for i, value in enumerate(result)]
+
+
+def _check_value(value: Any, name: str, i: int, completion: Any) -> float:
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()  # 0-d tensor or NumPy scalar
+    if value is None:
+        return math.nan
+    if isinstance(value, (bool, numbers.Real)) and not math.isinf(value):
+        return float(value)
+    raise RewardError(
+        f"reward function {name!r} returned {_preview(value)} ({type(value).__name__}) for "
+        f"sample {i} (completion {_preview(completion)}); expected a finite float or None"
+    )
+
+
+def _first_failing_sample(
+    function: RewardFunction, prompts: list, completions: list, kwargs: dict
+) -> int | None:
+    for i in range(len(completions)):
+        single = {key: column[i : i + 1] for key, column in kwargs.items()}
+        try:
+            function(prompts=prompts[i : i + 1], completions=completions[i : i + 1], **single)
+        except Exception:
+            return i
+    return None
+
+
+def reward_name(function: RewardFunction) -> str:
+    """``__name__``, else the wrapped function's for a ``functools.partial``, else repr."""
+    if isinstance(function, functools.partial):
+        return reward_name(function.func)
+    return getattr(function, "__name__", None) or repr(function)
+
+
+def _unique_names(functions: Sequence[RewardFunction]) -> list[str]:
+    names: list[str] = []
+    for function in functions:
+        name = base = reward_name(function)
+        k = 2
+        while name in names:  # the same function twice still needs two metric names
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _qualified_name(function: Any) -> str:
+    return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', function)}"
+
+
+def _preview(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """Resolve a reward function from a config string.
+
+    ``spec`` is one of:
+
+    - a registered name: ``"math_accuracy"`` (see ``REWARDS``);
+    - a file and a function in it: ``"path/to/rewards.py:my_reward"``;
+    - a module and a function in it: ``"my_package.rewards:my_reward"``.
+
+    Raises:
+        RewardError: naming the spec and what was wrong with it.
+    """
+    if spec in REWARDS:
+        return REWARDS[spec]
+    source, sep, attribute = spec.rpartition(":")
+    if not sep or not source or not attribute:
+        raise RewardError(
+            f"unknown reward function {spec!r}: not a registered name "
+            f"(registered: {', '.join(sorted(REWARDS)) or 'none'}), and not of the form "
+            "'path/to/file.py:function' or 'package.module:function'"
+        )
+    if source.endswith(".py") or "/" in source or "\\" in source:
+        module = _module_from_file(spec, Path(source))
+    else:
+        try:
+            module = importlib.import_module(source)
+        except Exception as error:
+            message = f"reward function {spec!r}: cannot import {source!r}"
+            raise RewardError(f"{message}: {type(error).__name__}: {error}") from error
+    function: Any = module
+    for part in attribute.split("."):
+        if not hasattr(function, part):
+            raise RewardError(f"reward function {spec!r}: {source!r} has no attribute {part!r}")
+        function = getattr(function, part)
+    if not callable(function):
+        raise RewardError(
+            f"reward function {spec!r}: {attribute!r} is a {type(function).__name__}, not callable"
+        )
+    return function
+
+
+def _module_from_file(spec: str, path: Path) -> Any:
+    if not path.is_file():
+        raise RewardError(f"reward function {spec!r}: file {str(path)!r} not found")
+    resolved = path.resolve()
+    # One module name per file: it loads once, and files with the same stem do not clash.
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
+    name = f"grpo_user_rewards_{resolved.stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, resolved)
+    if module_spec is None or module_spec.loader is None:
+        raise RewardError(f"reward function {spec!r}: cannot load {str(path)!r} as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # before exec, as importlib does (dataclasses, pickling)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[name]
+        raise RewardError(
+            f"reward function {spec!r}: running {str(path)!r} raised "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    return module
