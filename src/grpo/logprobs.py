@@ -1,0 +1,112 @@
+"""From a causal LM's logits to per-token log-probs and entropies of completion tokens.
+
+The log-prob of the sampled token, ``logp``, is the ``pi_theta(o_t | q, o_<t)`` of every
+equation of the seed (eq. II.I-VI.I). It is computed as ``logit[target] - logsumexp``
+in chunks of rows, never as a full ``[N, T, V]`` log-softmax copy: with vocabularies of
+100k+ tokens that copy, not the model, sets the peak memory.
+
+Shape letters (see ``grpo.types``): N completion rows, P prompt tokens (left-padded),
+T completion tokens (right-padded), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CHUNK_ELEMENTS = 1 << 24
+"""Logit entries (rows x T x V) handled at once; bounds the temporaries of each chunk."""
+
+
+def _inverse_temperature(temperature: float) -> float:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    # Temperature 0 means greedy sampling; its tokens are scored under the plain softmax.
+    return 1.0 if temperature == 0 else 1.0 / temperature
+
+
+def _row_chunks(logits: Tensor, *others: Tensor):
+    """Split ``logits [N, T, V]`` (and aligned ``others``) along N into bounded chunks."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
+    return zip(logits.split(rows), *(x.split(rows) for x in others), strict=True)
+
+
+def token_logp(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-prob of each target token, ``log softmax(logits / temperature)[target]``.
+
+    Args:
+        logits: ``[N, T, V]`` logits; position t scores ``targets[:, t]``.
+        targets: ``[N, T]`` long token ids.
+        temperature: divides the logits, as at sampling time (0 is treated as 1).
+
+    Returns:
+        ``[N, T]`` float32 log-probs, differentiable w.r.t. ``logits``.
+    """
+    scale = _inverse_temperature(temperature)
+    out = []
+    for chunk, chunk_targets in _row_chunks(logits, targets):
+        chunk = chunk.float() * scale if scale != 1.0 else chunk.float()  # [n, T, V]
+        picked = chunk.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1)  # [n, T]
+        out.append(picked - chunk.logsumexp(dim=-1))  # [n, T]
+    return torch.cat(out)  # [N, T]
+
+
+def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of each position's next-token distribution, ``-sum_v p_v log p_v``.
+
+    Args:
+        logits: ``[N, T, V]`` logits.
+        temperature: divides the logits (0 is treated as 1).
+
+    Returns:
+        ``[N, T]`` float32 entropies (a metric: call under ``torch.no_grad()`` to save memory).
+    """
+    scale = _inverse_temperature(temperature)
+    out = []
+    for (chunk,) in _row_chunks(logits):
+        probs = torch.softmax(chunk.float() * scale, dim=-1)  # [n, T, V]
+        out.append(torch.special.entr(probs).sum(dim=-1))  # [n, T], -p log p, 0 where p = 0
+    return torch.cat(out)  # [N, T]
+
+
+def completion_logp(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_length: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs (and optionally entropies) of the completion tokens, one forward.
+
+    Prompts are left-padded, so position ids restart at each row's first real token;
+    completions are right-padded, so their padding comes after every real token and
+    cannot change it. Only the last T + 1 positions' logits are materialised.
+
+    Args:
+        model: a transformers causal LM (accepts ``position_ids`` and ``logits_to_keep``).
+        input_ids: ``[N, P + T]`` prompt followed by completion.
+        attention_mask: ``[N, P + T]`` 1 on real tokens.
+        completion_length: T.
+        temperature: the sampling temperature (0 is treated as 1).
+        with_entropy: also return the entropy of each completion position (no gradient).
+
+    Returns:
+        ``(logp [N, T], entropy [N, T] or None)``; padded completion positions hold values
+        that the completion mask must remove.
+    """
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [N, P + T]
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=completion_length + 1,
+        use_cache=False,
+    ).logits  # [N, T + 1, V]
+    logits = logits[:, :-1]  # [N, T, V]: the logit at position t scores completion token t
+    logp = token_logp(logits, input_ids[:, -completion_length:], temperature)  # [N, T]
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = token_entropy(logits, temperature)  # [N, T]
+    return logp, entropy
