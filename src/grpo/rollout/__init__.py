@@ -1,0 +1,55 @@
+"""Generation engines behind one small protocol.
+
+An engine turns B prompts into a ``Rollout`` of G completions each (shape letters in
+``grpo.types``). ``make_engine("torch")`` is the default; optional backends are imported
+only when chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from grpo.rollout.torch_engine import TorchEngine
+from grpo.types import Rollout, SamplingParams
+
+
+class Engine(Protocol):
+    """Samples ``params.num_generations`` completions for each prompt."""
+
+    def generate(
+        self,
+        model: torch.nn.Module,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """B token-id prompts -> Rollout with N = B*G completion rows, grouped by prompt."""
+        ...
+
+
+def _vllm_engine(**kwargs: object) -> Engine:
+    """The vLLM engine (GPU generation); imports vllm only when chosen."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "rollout engine 'vllm' needs the vllm package (GPU only): pip install 'grpo[vllm]'"
+        ) from err
+    raise NotImplementedError("rollout engine 'vllm' is not implemented yet; use 'torch'")
+
+
+ENGINES: dict[str, Callable[..., Engine]] = {"torch": TorchEngine, "vllm": _vllm_engine}
+"""Engine name -> factory taking the engine's keyword options."""
+
+
+def make_engine(name: str, **kwargs: object) -> Engine:
+    """Build the engine called ``name`` (a key of ``ENGINES``) with its options."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown rollout engine {name!r}; allowed: {', '.join(sorted(ENGINES))}")
+    return ENGINES[name](**kwargs)
+
+
+__all__ = ["ENGINES", "Engine", "TorchEngine", "make_engine"]
