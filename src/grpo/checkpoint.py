@@ -80,5 +80,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def load_state(checkpoint: str | Path) -> dict[str, Any]:
     path = Path(checkpoint) / STATE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{str(checkpoint)!r} is not a complete checkpoint (no {STATE_FILE})")
+        raise FileNotFoundError(
+            f"{str(checkpoint)!r} is not a complete checkpoint (no {STATE_FILE})"
+        )
     return torch.load(path, weights_only=False)

@@ -20,7 +20,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
 
 class ModelConfig(_Section):
@@ -158,7 +160,11 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _whole_groups(self) -> Config:
-        b, mb, gas = self.rollout.prompts_per_step, self.optim.num_minibatches, self.optim.gradient_accumulation_steps
+        b, mb, gas = (
+            self.rollout.prompts_per_step,
+            self.optim.num_minibatches,
+            self.optim.gradient_accumulation_steps,
+        )
         if b % mb:
             raise ValueError(
                 f"optim.num_minibatches={mb} does not divide rollout.prompts_per_step={b}: "
@@ -178,7 +184,7 @@ class Config(_Section):
 
     @property
     def needs_old_logp(self) -> bool:
-        """With one optimizer step per rollout batch the ratio is exactly 1 (old = logp.detach())."""
+        """One optimizer step per rollout batch makes the ratio exactly 1 (old = logp.detach())."""
         return self.algorithm.num_iterations > 1 or self.optim.num_minibatches > 1
 
 
@@ -241,7 +247,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(path)!r} does not exist")
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top")
+            raise ConfigError(
+                f"config file {str(path)!r}: expected a mapping of sections at the top"
+            )
     return build_config(data, overrides)
 
 

@@ -36,25 +36,27 @@ class MetricsLogger:
     from steps after the checkpoint are dropped so the log matches the weights.
     """
 
-    def __init__(self, output_dir: str | Path, total_steps: int, start_step: int = 0, progress: bool = True):
+    def __init__(
+        self, output_dir: str | Path, total_steps: int, start_step: int = 0, progress: bool = True
+    ):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.console = Console(stderr=True)
-        self.progress = (
-            Progress(
-                TextColumn("[bold]GRPO"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
-                console=self.console,
-                disable=not progress,
-            )
+        self.progress = Progress(
+            TextColumn("[bold]GRPO"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.console,
+            disable=not progress,
         )
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+        self.task = self.progress.add_task(
+            "train", total=total_steps, completed=start_step, info=""
+        )
 
     def __enter__(self) -> MetricsLogger:
         self.progress.start()
@@ -67,7 +69,11 @@ class MetricsLogger:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        info = "  ".join(f"{k.split('/')[-1]} {row[k]:.3g}" for k in CONSOLE_KEYS if k in row and row[k] is not None)
+        info = "  ".join(
+            f"{k.split('/')[-1]} {row[k]:.3g}"
+            for k in CONSOLE_KEYS
+            if k in row and row[k] is not None
+        )
         self.progress.update(self.task, completed=step, info=info)
 
     def advance(self, step: int) -> None:

@@ -12,9 +12,12 @@ order (no reshuffle between the mu passes), so a run is reproducible from its se
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +25,7 @@ from typing import Any
 
 import torch
 
+import grpo.tasks  # noqa: F401  (registers the built-in tasks' reward functions)
 from grpo import checkpoint as ckpt
 from grpo.advantages import expand_to_tokens, group_advantages
 from grpo.config import Config, dump_config
@@ -117,6 +121,27 @@ def _weighted_mean(parts: list[dict[str, float]], weights: list[float]) -> dict[
     return {k: sum(p[k] * w for p, w in zip(parts, weights, strict=True)) / total for k in keys}
 
 
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Turn the first Ctrl-C into a flag the loop checks between steps, so the checkpoint
+    it saves holds a whole step (weights, optimizer, sampler and RNG agree)."""
+    hit = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class GRPOTrainer:
     """Holds the run's state (models, optimizer, sampler, RNG) and runs the loop.
 
@@ -130,7 +155,7 @@ class GRPOTrainer:
         model=None,
         tokenizer=None,
         reward_functions: list[Callable] | None = None,
-        eval_fn: Callable[[Any], dict[str, float]] | None = None,
+        eval_fn: Callable[[Any, Any], dict[str, float]] | None = None,
     ):
         self.cfg = cfg
         if cfg.run.num_threads:
@@ -155,10 +180,14 @@ class GRPOTrainer:
             top_p=r.top_p,
             top_k=r.top_k,
             eos_token_ids=(tokenizer.eos_token_id,),
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else tokenizer.eos_token_id,
         )
         self.generator = torch.Generator().manual_seed(cfg.run.seed)
-        self.reward_functions = reward_functions or [load_reward_function(s) for s in cfg.rewards.functions]
+        self.reward_functions = reward_functions or [
+            load_reward_function(s) for s in cfg.rewards.functions
+        ]
         self.eval_fn = eval_fn
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -183,27 +212,33 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, float]]:
-        """Run until ``optim.max_steps``; Ctrl-C saves a checkpoint and returns cleanly."""
+        """Run until ``optim.max_steps``. Ctrl-C finishes the current step, saves a
+        checkpoint and returns (a second Ctrl-C aborts at once)."""
         cfg = self.cfg
         self.output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.output_dir / "config.yaml")
         history: list[dict[str, float]] = []
         logger = MetricsLogger(self.output_dir, cfg.optim.max_steps, self.step, cfg.run.progress)
-        with logger:
-            try:
-                while self.step < cfg.optim.max_steps:
-                    metrics = self.train_step()
-                    self.step += 1
-                    if cfg.run.eval_every and self.eval_fn and self.step % cfg.run.eval_every == 0:
-                        metrics.update({f"eval/{k}": v for k, v in self.eval_fn(self.model).items()})
-                    history.append({"step": self.step, **metrics})
-                    if self.step % cfg.run.log_every == 0:
-                        logger.log(self.step, metrics)
-                    if cfg.run.save_every and self.step % cfg.run.save_every == 0:
-                        self.save()
-            except KeyboardInterrupt:
-                path = self.save()
-                logger.console.print(f"interrupted at step {self.step}; checkpoint saved to {path}")
+        with logger, _deferred_sigint() as interrupted:
+            while self.step < cfg.optim.max_steps and not interrupted():
+                metrics = self.train_step()
+                self.step += 1
+                if cfg.run.eval_every and self.eval_fn and self.step % cfg.run.eval_every == 0:
+                    metrics.update(
+                        {
+                            f"eval/{k}": v
+                            for k, v in self.eval_fn(self.model, self.tokenizer).items()
+                        }
+                    )
+                history.append({"step": self.step, **metrics})
+                if self.step % cfg.run.log_every == 0:
+                    logger.log(self.step, metrics)
+                if cfg.run.save_every and self.step % cfg.run.save_every == 0:
+                    self.save()
+            if interrupted():
+                logger.console.print(
+                    f"interrupted at step {self.step}; checkpoint saved to {self.save()}"
+                )
                 return history
         self.save()
         self.model.save_pretrained(self.output_dir / "final")
@@ -219,23 +254,34 @@ class GRPOTrainer:
         rows = [self.rows[i] for i in idx]
 
         # 2. generate G completions each
-        rollout = self.engine.generate(self.model, [self.prompt_ids[i] for i in idx], self.sampling, self.generator)
+        rollout = self.engine.generate(
+            self.model, [self.prompt_ids[i] for i in idx], self.sampling, self.generator
+        )
         t_gen = time.perf_counter()
 
         # 3. score
-        ids = [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)]
+        ids = [
+            row[m.bool()].tolist()
+            for row, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
+        ]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         rewards_out = self._score(rows, texts, ids, g)
         rewards = rewards_out.rewards.view(-1, g)  # [B, G]
 
         # 4. advantages (eq. II.I)
-        adv = group_advantages(rewards, cfg.algorithm.scale_rewards, cfg.algorithm.advantage_eps)  # [B, G]
+        adv = group_advantages(
+            rewards, cfg.algorithm.scale_rewards, cfg.algorithm.advantage_eps
+        )  # [B, G]
         batch = rollout_to_batch(rollout, expand_to_tokens(adv, rollout.completion_mask.float()))
         micro = self._micro_size()
         if cfg.needs_old_logp:
-            batch.old_logp = batched_logp(self.model, batch, micro, cfg.rollout.temperature)  # [N, T]
+            batch.old_logp = batched_logp(
+                self.model, batch, micro, cfg.rollout.temperature
+            )  # [N, T]
         if self.ref_model is not None:
-            batch.ref_logp = batched_logp(self.ref_model, batch, micro, cfg.rollout.temperature)  # [N, T]
+            batch.ref_logp = batched_logp(
+                self.ref_model, batch, micro, cfg.rollout.temperature
+            )  # [N, T]
         t_ref = time.perf_counter()
 
         # 5. mu passes x mini-batches of whole groups: logp, loss, backward, step
@@ -244,7 +290,9 @@ class GRPOTrainer:
         updates = []
         for _ in range(cfg.algorithm.num_iterations):
             for start in range(0, batch.num_completions, per_mini):
-                updates.append(self._optimizer_step(batch.rows(slice(start, start + per_mini)), micro))
+                updates.append(
+                    self._optimizer_step(batch.rows(slice(start, start + per_mini)), micro)
+                )
         t_end = time.perf_counter()
 
         # 6. iterative RL: the reference follows the policy every N steps (DeepSeekMath 4.2)

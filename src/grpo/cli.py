@@ -1,0 +1,238 @@
+"""``grpo init | sft | eval | train | demo | report``.
+
+Every command takes a local model directory or a hub id wherever it takes a model, so the
+commands that run the embedded default also run a real model on a machine that has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def _threads(n: int) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from grpo.modeling import init_model_dir
+
+    sizes = {
+        k: v for k, v in vars(args).items() if k in ("hidden_size", "num_layers", "num_heads") and v
+    }
+    path = init_model_dir(args.output, arch=args.arch, seed=args.seed, **sizes)
+    console.print(f"tiny {args.arch} model and tokenizer saved to {path}")
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from grpo.modeling import load_model_and_tokenizer
+    from grpo.sft import supervised_finetune
+    from grpo.tasks import get_task
+
+    _threads(args.threads)
+    task = get_task(args.task)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    rows = task.problems("train", args.examples, args.seed)
+    examples = [(r["prompt"], task.demonstration(r)) for r in rows]
+    losses = supervised_finetune(
+        model,
+        tokenizer,
+        examples,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+    )
+    model.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    console.print(f"SFT: {args.steps} steps, final loss {losses[-1]:.4f}; saved to {args.output}")
+
+
+def run_eval(
+    model, tokenizer, task_name: str, n: int, k: int, temperature: float, seed: int = 0
+) -> dict:
+    from grpo.evaluation import evaluate
+    from grpo.tasks import get_task
+
+    task = get_task(task_name)
+    rows = task.problems("test", n, seed)
+    return evaluate(
+        model,
+        tokenizer,
+        rows,
+        task.reward_functions["correctness"],
+        task.extract_answer,
+        k=k,
+        temperature=temperature,
+        max_completion_length=task.max_completion_chars + 1,
+        seed=seed,
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from grpo.modeling import load_model_and_tokenizer
+
+    _threads(args.threads)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    result = run_eval(model, tokenizer, args.task, args.n, args.k, args.temperature)
+    print_table({Path(args.model).name: result})
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+def print_table(results: dict[str, dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title="held-out evaluation")
+    table.add_column("model")
+    for col in ("greedy accuracy", "sampled accuracy", "pass@k", "maj@k"):
+        table.add_column(col, justify="right")
+    for name, r in results.items():
+        table.add_row(
+            name,
+            *(f"{r[key]:.1%}" for key in ("accuracy", "sampled_accuracy", "pass_at_k", "maj_at_k")),
+        )
+    console.print(table)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from grpo.config import load_config
+    from grpo.trainer import GRPOTrainer
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:  # no file given, only overrides
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    trainer = GRPOTrainer(cfg, eval_fn=_task_eval_fn(cfg))
+    if args.resume is not None:
+        step = trainer.resume(args.resume or None)
+        console.print(f"resumed from step {step}")
+    trainer.train()
+    from grpo.report import plot_run
+
+    console.print(
+        f"log: {trainer.output_dir / 'metrics.jsonl'}   curves: {plot_run(trainer.output_dir)}"
+    )
+
+
+def _task_eval_fn(cfg):
+    """Periodic held-out greedy accuracy for built-in tasks (cheap: no sampling)."""
+    if cfg.data.train_file or not cfg.run.eval_every:
+        return None
+    from grpo.evaluation import greedy_accuracy
+    from grpo.tasks import get_task
+
+    task = get_task(cfg.data.task)
+    rows = task.problems("test", cfg.run.eval_prompts, cfg.run.seed)
+
+    def eval_fn(model, tokenizer) -> dict[str, float]:
+        correct = task.reward_functions["correctness"]
+        return {
+            "accuracy": greedy_accuracy(
+                model, tokenizer, rows, correct, task.max_completion_chars + 1
+            )
+        }
+
+    return eval_fn
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from grpo.demo import run_demo
+
+    run_demo(Path(args.output_dir), fast=args.fast, threads=args.threads)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from grpo.report import plot_run
+
+    console.print(f"curves written to {plot_run(args.run_dir)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="grpo", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="create a tiny random model with a character tokenizer")
+    s.add_argument("output")
+    s.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
+    s.add_argument("--hidden-size", type=int)
+    s.add_argument("--num-layers", type=int)
+    s.add_argument("--num-heads", type=int)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("sft", help="supervised warm start on a built-in task's demonstrations")
+    s.add_argument("--model", required=True)
+    s.add_argument("--output", required=True)
+    s.add_argument("--task", default="add2")
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--examples", type=int, default=5000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0)
+    s.set_defaults(func=cmd_sft)
+
+    s = sub.add_parser("eval", help="held-out greedy accuracy, pass@k and maj@k on a built-in task")
+    s.add_argument("--model", required=True)
+    s.add_argument("--task", default="add2")
+    s.add_argument("--n", type=int, default=200, help="held-out prompts")
+    s.add_argument("--k", type=int, default=8, help="samples per prompt for pass@k / maj@k")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--json", help="also write the result to this file")
+    s.add_argument("--threads", type=int, default=0)
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("train", help="GRPO from a YAML config plus key=value overrides")
+    s.add_argument("config", nargs="?", help="YAML config (omit for all defaults)")
+    s.add_argument("overrides", nargs="*", help="e.g. algorithm.beta=0 rollout.num_generations=16")
+    s.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        help="resume (from PATH or the newest checkpoint)",
+    )
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser(
+        "demo", help="init -> sft -> eval -> GRPO -> eval on the built-in task, on CPU"
+    )
+    s.add_argument("--output-dir", default="runs/demo")
+    s.add_argument(
+        "--fast", action="store_true", help="a seconds-long smoke run (no learning expected)"
+    )
+    s.add_argument("--threads", type=int, default=0)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("report", help="plot a run's curves from its metrics.jsonl")
+    s.add_argument("run_dir")
+    s.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from grpo.config import ConfigError
+    from grpo.rewards import RewardError
+
+    try:
+        args.func(args)
+    except (ConfigError, RewardError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

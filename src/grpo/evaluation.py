@@ -1,0 +1,138 @@
+"""Held-out evaluation: greedy accuracy, pass@k and maj@k.
+
+pass@k uses the unbiased estimator of Chen et al. 2021 (Codex), ``1 - C(n-c, k) / C(n, k)``
+from n >= k samples of which c are correct; maj@k is DeepSeekMath's majority vote: the
+most frequent final answer among k samples is checked (ties go to the answer seen first).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from math import comb
+
+import torch
+
+from grpo.data import encode_prompt
+from grpo.rollout import make_engine
+from grpo.types import SamplingParams
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k samples drawn from n (c correct) is correct."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def majority_answer(answers: Sequence[str | None]) -> str | None:
+    """Most frequent non-None answer; ties go to the one that appears first."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+def _generate_texts(
+    model, tokenizer, prompts: list, params: SamplingParams, seed: int, batch: int
+) -> list[str]:
+    engine = make_engine("torch")
+    generator = torch.Generator().manual_seed(seed)
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch):
+        ids = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch]]
+        out = engine.generate(model, ids, params, generator)
+        rows = [
+            r[m.bool()].tolist()
+            for r, m in zip(out.completion_ids, out.completion_mask, strict=True)
+        ]
+        texts += tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return texts
+
+
+def greedy_accuracy(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    correct_fn: Callable[..., list[float | None]],
+    max_completion_length: int,
+    prompt_column: str = "prompt",
+    batch_prompts: int = 64,
+) -> float:
+    """Share of ``rows`` whose greedy completion ``correct_fn`` scores as correct."""
+    prompts = [r[prompt_column] for r in rows]
+    columns = {key: [r[key] for r in rows] for key in rows[0] if key != prompt_column}
+    params = _params(tokenizer, 1, 0.0, max_completion_length)
+    texts = _generate_texts(model, tokenizer, prompts, params, 0, batch_prompts)
+    return sum(bool(v) for v in correct_fn(prompts, texts, **columns)) / len(rows)
+
+
+def _params(tokenizer, n: int, temperature: float, max_completion_length: int) -> SamplingParams:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return SamplingParams(
+        num_generations=n,
+        temperature=temperature,
+        max_completion_length=max_completion_length,
+        eos_token_ids=(tokenizer.eos_token_id,),
+        pad_token_id=pad,
+    )
+
+
+def evaluate(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    correct_fn: Callable[..., list[float | None]],
+    answer_fn: Callable[[str], str | None],
+    k: int = 8,
+    num_samples: int | None = None,
+    temperature: float = 1.0,
+    max_completion_length: int = 64,
+    seed: int = 0,
+    batch_prompts: int = 64,
+    prompt_column: str = "prompt",
+) -> dict[str, float]:
+    """Greedy accuracy, pass@k and maj@k on ``rows``.
+
+    ``num_samples`` (n >= k, default k) completions are drawn per prompt at ``temperature``;
+    pass@k is estimated from all n, maj@k votes over the first k. ``correct_fn`` is a
+    reward function returning 1.0 for a correct completion; ``answer_fn`` extracts the
+    final answer used for the vote.
+    """
+    n_s = num_samples or k
+    prompts = [r[prompt_column] for r in rows]
+    columns = {key: [r[key] for r in rows] for key in rows[0] if key != prompt_column}
+    accuracy = greedy_accuracy(
+        model, tokenizer, rows, correct_fn, max_completion_length, prompt_column, batch_prompts
+    )
+
+    sampled_params = _params(tokenizer, n_s, temperature, max_completion_length)
+    sampled = _generate_texts(
+        model, tokenizer, prompts, sampled_params, seed, max(1, batch_prompts // n_s)
+    )
+    rep = {key: [v for v in vals for _ in range(n_s)] for key, vals in columns.items()}
+    sampled_ok = [
+        bool(v) for v in correct_fn([p for p in prompts for _ in range(n_s)], sampled, **rep)
+    ]
+
+    pass_k, maj_k, mean_ok = [], [], []
+    for i in range(len(rows)):
+        ok = sampled_ok[i * n_s : (i + 1) * n_s]
+        answers = [answer_fn(t) for t in sampled[i * n_s : i * n_s + k]]
+        vote = majority_answer(answers)
+        pass_k.append(pass_at_k(n_s, sum(ok), k))
+        mean_ok.append(sum(ok) / n_s)
+        voted_ok = vote is not None and any(
+            a == vote and o for a, o in zip(answers, ok[:k], strict=True)
+        )
+        maj_k.append(float(voted_ok))
+    n = len(rows)
+    return {
+        "accuracy": accuracy,
+        "sampled_accuracy": sum(mean_ok) / n,
+        "pass_at_k": sum(pass_k) / n,
+        "maj_at_k": sum(maj_k) / n,
+        "k": k,
+        "n": n,
+    }
