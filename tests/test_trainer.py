@@ -1,0 +1,131 @@
+"""The training loop on a tiny real transformers model: it learns something, logs, saves
+exactly what resume needs, and loads no reference model when beta is 0."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from grpo import trainer as trainer_mod
+from grpo.config import build_config
+from grpo.metrics import read_jsonl
+from grpo.modeling import load_model_and_tokenizer
+from grpo.trainer import GRPOTrainer
+
+
+def distinct_chars(prompts, completions, **kwargs):
+    """A reward with spread inside nearly every group of a random model: distinct characters."""
+    return [len(set(c)) / 8 for c in completions]
+
+
+def make_cfg(model_dir, out, *extra):
+    return build_config(
+        overrides=[
+            f"model.name_or_path={model_dir}",
+            f"run.output_dir={out}",
+            "run.progress=false",
+            "data.num_train_prompts=40",
+            "rollout.prompts_per_step=2",
+            "rollout.num_generations=4",
+            "rollout.max_completion_length=8",
+            "optim.learning_rate=0.01",
+            "optim.max_steps=3",
+            *extra,
+        ]
+    )
+
+
+def make_trainer(cfg, **kw):
+    return GRPOTrainer(cfg, reward_functions=[distinct_chars], **kw)
+
+
+def test_trains_logs_and_saves(tiny_model_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, tmp_path)
+    t = make_trainer(cfg)
+    before = [p.detach().clone() for p in t.model.parameters()]
+    history = t.train()
+    assert len(history) == 3
+    for row in history:
+        assert torch.isfinite(torch.tensor(row["loss"]))
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters(), strict=True))
+    # mu = 1 and one mini-batch: the ratio is exactly 1, so nothing is ever clipped
+    assert all(r["clip_ratio/low_mean"] == 0 and r["clip_ratio/high_mean"] == 0 for r in history)
+    logged = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    for key in (
+        "reward", "reward_std", "frac_reward_zero_std", "rewards/distinct_chars/mean", "kl",
+        "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "completions/mean_length",
+        "completions/max_length", "completions/truncated_frac", "tokens_per_s", "step_time",
+    ):  # fmt: skip
+        assert key in logged[-1], key
+    model, _ = load_model_and_tokenizer(tmp_path / "final")
+    for a, b in zip(model.parameters(), t.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_beta_zero_loads_no_reference(tiny_model_dir, tmp_path):
+    t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.beta=0"))
+    assert t.ref_model is None
+    assert "kl" not in t.train_step()
+
+
+def test_old_logp_only_computed_when_needed(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+    original = trainer_mod.batched_logp
+    monkeypatch.setattr(
+        trainer_mod, "batched_logp", lambda model, *a, **k: calls.append(model) or original(model, *a, **k)
+    )
+    t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.beta=0"))
+    t.train_step()
+    assert calls == []  # mu = 1, beta = 0: no extra forward pass at all
+    t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.num_iterations=2"))
+    t.train_step()
+    assert calls == [t.model, t.ref_model]  # old policy once after sampling, reference once
+
+
+def test_mu_and_minibatches_clip(tiny_model_dir, tmp_path):
+    extra = ("algorithm.num_iterations=3", "optim.num_minibatches=2", "algorithm.epsilon=0.001")
+    metrics = make_trainer(make_cfg(tiny_model_dir, tmp_path, *extra)).train_step()
+    # after the first update the policy has moved: later passes see ratios outside 1 +- 0.001
+    assert metrics["clip_ratio/low_mean"] + metrics["clip_ratio/high_mean"] > 0
+
+
+def test_reference_reset_follows_policy(tiny_model_dir, tmp_path):
+    t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.ref_reset_every=2"))
+    t.train_step()
+    t.step = 1
+    assert any(not torch.equal(a, b) for a, b in zip(t.ref_model.parameters(), t.model.parameters(), strict=True))
+    t.train_step()  # the second step ends with a reset
+    for a, b in zip(t.ref_model.parameters(), t.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_interrupt_and_resume_equal_uninterrupted(tiny_model_dir, tmp_path):
+    """4 straight steps == 2 steps, Ctrl-C, resume, 2 more (cosine schedule, warmup)."""
+    extra = ("optim.max_steps=4", "optim.lr_scheduler=cosine", "optim.warmup_steps=1")
+    straight = make_trainer(make_cfg(tiny_model_dir, tmp_path / "a", *extra))
+    straight.train()
+
+    def ctrl_c_at_step_2(model, tokenizer):
+        if first.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return {}
+
+    cfg = make_cfg(tiny_model_dir, tmp_path / "b", *extra, "run.eval_every=1")
+    first = make_trainer(cfg, eval_fn=ctrl_c_at_step_2)
+    first.train()
+    assert first.step == 2  # stopped cleanly after the step that saw Ctrl-C
+
+    resumed = make_trainer(make_cfg(tiny_model_dir, tmp_path / "b", *extra))
+    assert resumed.resume() == 2
+    resumed.train()
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_resume_without_checkpoint_says_where(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        make_trainer(make_cfg(tiny_model_dir, tmp_path)).resume()
