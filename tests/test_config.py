@@ -16,7 +16,9 @@ def test_defaults_are_the_papers():
 
 def test_yaml_file_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("algorithm:\n  beta: 0.1\n  epsilon_high: 0.28\nrollout:\n  num_generations: 4\n")
+    path.write_text(
+        "algorithm:\n  beta: 0.1\n  epsilon_high: 0.28\nrollout:\n  num_generations: 4\n"
+    )
     cfg = load_config(path, ["algorithm.beta=0", "optim.num_minibatches=2", "run.seed=7"])
     assert cfg.algorithm.beta == 0.0  # the override wins over the file
     assert cfg.algorithm.clip_high == 0.28
@@ -54,5 +56,5 @@ def test_errors_name_field_value_and_allowed(overrides, message):
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml"):
         load_config(tmp_path / "nope.yaml")

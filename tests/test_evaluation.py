@@ -34,7 +34,9 @@ def test_evaluate_reports_all_metrics(tiny_model_dir):
     def oracle(prompts, completions, answer, **kw):  # ignores the model: always correct
         return [1.0] * len(completions)
 
-    out = evaluate(model, tok, rows, oracle, task.extract_answer, k=2, num_samples=4, max_completion_length=4)
+    out = evaluate(
+        model, tok, rows, oracle, task.extract_answer, k=2, num_samples=4, max_completion_length=4
+    )
     assert out["accuracy"] == 1.0 and out["pass_at_k"] == 1.0 and out["sampled_accuracy"] == 1.0
     # a random model writes no "A:" line: no answer to vote for, so maj@k counts it wrong
     assert out["maj_at_k"] == 0.0

@@ -73,9 +73,12 @@ def test_beta_zero_loads_no_reference(tiny_model_dir, tmp_path):
 def test_old_logp_only_computed_when_needed(tiny_model_dir, tmp_path, monkeypatch):
     calls = []
     original = trainer_mod.batched_logp
-    monkeypatch.setattr(
-        trainer_mod, "batched_logp", lambda model, *a, **k: calls.append(model) or original(model, *a, **k)
-    )
+
+    def counting(model, *args, **kwargs):
+        calls.append(model)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "batched_logp", counting)
     t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.beta=0"))
     t.train_step()
     assert calls == []  # mu = 1, beta = 0: no extra forward pass at all
@@ -95,7 +98,8 @@ def test_reference_reset_follows_policy(tiny_model_dir, tmp_path):
     t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.ref_reset_every=2"))
     t.train_step()
     t.step = 1
-    assert any(not torch.equal(a, b) for a, b in zip(t.ref_model.parameters(), t.model.parameters(), strict=True))
+    pairs = list(zip(t.ref_model.parameters(), t.model.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in pairs)
     t.train_step()  # the second step ends with a reset
     for a, b in zip(t.ref_model.parameters(), t.model.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -57,33 +57,13 @@ def cmd_sft(args: argparse.Namespace) -> None:
     console.print(f"SFT: {args.steps} steps, final loss {losses[-1]:.4f}; saved to {args.output}")
 
 
-def run_eval(
-    model, tokenizer, task_name: str, n: int, k: int, temperature: float, seed: int = 0
-) -> dict:
-    from grpo.evaluation import evaluate
-    from grpo.tasks import get_task
-
-    task = get_task(task_name)
-    rows = task.problems("test", n, seed)
-    return evaluate(
-        model,
-        tokenizer,
-        rows,
-        task.reward_functions["correctness"],
-        task.extract_answer,
-        k=k,
-        temperature=temperature,
-        max_completion_length=task.max_completion_chars + 1,
-        seed=seed,
-    )
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
+    from grpo.evaluation import evaluate_task
     from grpo.modeling import load_model_and_tokenizer
 
     _threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model)
-    result = run_eval(model, tokenizer, args.task, args.n, args.k, args.temperature)
+    result = evaluate_task(model, tokenizer, args.task, args.n, args.k, args.temperature)
     print_table({Path(args.model).name: result})
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -107,13 +87,14 @@ def print_table(results: dict[str, dict]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from grpo.config import load_config
+    from grpo.evaluation import periodic_task_eval
     from grpo.trainer import GRPOTrainer
 
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:  # no file given, only overrides
         config, overrides = None, [config, *overrides]
     cfg = load_config(config, overrides)
-    trainer = GRPOTrainer(cfg, eval_fn=_task_eval_fn(cfg))
+    trainer = GRPOTrainer(cfg, eval_fn=periodic_task_eval(cfg))
     if args.resume is not None:
         step = trainer.resume(args.resume or None)
         console.print(f"resumed from step {step}")
@@ -123,27 +104,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     console.print(
         f"log: {trainer.output_dir / 'metrics.jsonl'}   curves: {plot_run(trainer.output_dir)}"
     )
-
-
-def _task_eval_fn(cfg):
-    """Periodic held-out greedy accuracy for built-in tasks (cheap: no sampling)."""
-    if cfg.data.train_file or not cfg.run.eval_every:
-        return None
-    from grpo.evaluation import greedy_accuracy
-    from grpo.tasks import get_task
-
-    task = get_task(cfg.data.task)
-    rows = task.problems("test", cfg.run.eval_prompts, cfg.run.seed)
-
-    def eval_fn(model, tokenizer) -> dict[str, float]:
-        correct = task.reward_functions["correctness"]
-        return {
-            "accuracy": greedy_accuracy(
-                model, tokenizer, rows, correct, task.max_completion_chars + 1
-            )
-        }
-
-    return eval_fn
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -223,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars say more
     from grpo.config import ConfigError
     from grpo.rewards import RewardError
 

@@ -136,3 +136,43 @@ def evaluate(
         "k": k,
         "n": n,
     }
+
+
+def evaluate_task(
+    model, tokenizer, task_name: str, n: int, k: int, temperature: float, seed: int = 0
+) -> dict:
+    """``evaluate`` on ``n`` held-out problems of a built-in task."""
+    from grpo.tasks import get_task
+
+    task = get_task(task_name)
+    return evaluate(
+        model,
+        tokenizer,
+        task.problems("test", n, seed),
+        task.reward_functions["correctness"],
+        task.extract_answer,
+        k=k,
+        temperature=temperature,
+        max_completion_length=task.max_completion_chars + 1,
+        seed=seed,
+    )
+
+
+def periodic_task_eval(cfg) -> Callable | None:
+    """For built-in tasks with ``run.eval_every``: held-out greedy accuracy (cheap: no sampling)."""
+    if cfg.data.train_file or not cfg.run.eval_every:
+        return None
+    from grpo.tasks import get_task
+
+    task = get_task(cfg.data.task)
+    rows = task.problems("test", cfg.run.eval_prompts, cfg.run.seed)
+    correct = task.reward_functions["correctness"]
+
+    def eval_fn(model, tokenizer) -> dict[str, float]:
+        return {
+            "accuracy": greedy_accuracy(
+                model, tokenizer, rows, correct, task.max_completion_chars + 1
+            )
+        }
+
+    return eval_fn
