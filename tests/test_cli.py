@@ -1,0 +1,90 @@
+"""The command line end to end on a very small configuration (seconds, not minutes)."""
+
+import json
+import subprocess
+import sys
+
+from grpo.cli import main
+from grpo.metrics import read_jsonl
+
+SMALL = [
+    "run.progress=false",
+    "data.num_train_prompts=20",
+    "rollout.prompts_per_step=2",
+    "rollout.num_generations=2",
+    "rollout.max_completion_length=6",
+]
+
+
+def test_init_sft_eval_train_resume(tmp_path):
+    model, sft, run = tmp_path / "model", tmp_path / "sft", tmp_path / "run"
+    assert main(["init", str(model), "--hidden-size", "32", "--num-layers", "1"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--model",
+                str(model),
+                "--output",
+                str(sft),
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
+    result = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(sft), "--n", "4", "--k", "2", "--json", str(result)]) == 0
+    assert set(json.loads(result.read_text())) >= {"accuracy", "pass_at_k", "maj_at_k"}
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model:\n  name_or_path: {sft}\nrun:\n  output_dir: {run}\n  save_every: 1\n"
+    )
+    assert main(["train", str(config), *SMALL, "optim.max_steps=2"]) == 0
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    assert (run / "curves.png").is_file() and (run / "final" / "config.json").is_file()
+    assert main(["train", str(config), *SMALL, "optim.max_steps=3", "--resume"]) == 0
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_bad_config_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "rollout.num_generations=1", f"run.output_dir={tmp_path}"]) == 2
+    assert "rollout.num_generations = 1" in capsys.readouterr().err
+
+
+def test_user_reward_function_from_a_file(tmp_path, tiny_model_dir):
+    reward = tmp_path / "my_reward.py"
+    reward.write_text(
+        "def short(prompts, completions, **kw):\n    return [-len(c) for c in completions]\n"
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"{i}+{i}=", "id": i}) + "\n" for i in range(4))
+    )
+    args = [f"model.name_or_path={tiny_model_dir}", f"run.output_dir={tmp_path / 'run'}"]
+    args += [
+        f"data.train_file={prompts}",
+        f"rewards.functions=[{reward}:short]",
+        "optim.max_steps=1",
+    ]
+    assert main(["train", *args, *SMALL]) == 0
+    assert "rewards/short/mean" in read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+
+
+def test_demo_fast_writes_summary(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "grpo.cli", "demo", "--fast", "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for side in ("before", "after"):
+        assert set(summary[side]) >= {"accuracy", "pass_at_k", "maj_at_k"}
+    assert summary["seconds"] > 0
+    assert (out / "grpo" / "curves.png").is_file()
