@@ -28,8 +28,14 @@ class DemoPlan:
     """Built-in task the demo trains and evaluates on."""
     hidden_size: int = 128
     """Width of the tiny Llama (4 layers, about 1M parameters)."""
-    sft_steps: int = 150
-    """Supervised steps: kept short on purpose, so the reference model is often wrong."""
+    sft_max_steps: int = 400
+    """Upper bound on supervised steps."""
+    sft_target_accuracy: float = 0.35
+    """SFT stops once greedy accuracy on 200 held-in train problems reaches this: the
+    reference model is right only part of the time on purpose. Accuracy climbs from 10%
+    to 90% within ~50 steps here, so a step count alone would land anywhere in between."""
+    sft_check_every: int = 10
+    """Steps between those accuracy checks."""
     sft_batch_size: int = 32
     sft_learning_rate: float = 3e-3
     eval_prompts: int = 200
@@ -42,7 +48,8 @@ class DemoPlan:
 
 FAST = DemoPlan(
     hidden_size=32,
-    sft_steps=5,
+    sft_max_steps=5,
+    sft_check_every=5,
     eval_prompts=8,
     eval_k=2,
     grpo_overrides=(
@@ -61,7 +68,7 @@ def run_demo(
     """Run every stage into ``output_dir`` and return the summary written to summary.json."""
     from grpo.cli import print_table
     from grpo.config import build_config
-    from grpo.evaluation import evaluate_task, periodic_task_eval
+    from grpo.evaluation import evaluate_task, greedy_accuracy, periodic_task_eval
     from grpo.modeling import init_model_dir, load_model_and_tokenizer
     from grpo.report import plot_run
     from grpo.sft import supervised_finetune
@@ -86,10 +93,27 @@ def run_demo(
     task = get_task(plan.task)
     t = time.perf_counter()
     rows = task.problems("train", 5000, seed=0)
-    examples = [(r["prompt"], task.demonstration(r)) for r in rows]
-    supervised_finetune(
-        model, tokenizer, examples, plan.sft_steps, plan.sft_batch_size, plan.sft_learning_rate
+    examples = [(r["prompt"], task.demonstration(r)) for r in rows[200:]]
+    held_in = rows[:200]  # train-split problems kept out of SFT, to decide when to stop
+    correct = task.reward_functions["correctness"]
+
+    def reached_target(step: int) -> bool:
+        if step % plan.sft_check_every:
+            return False
+        acc = greedy_accuracy(model, tokenizer, held_in, correct, task.max_completion_tokens)
+        console.print(f"SFT step {step}: held-in greedy accuracy {acc:.1%}")
+        return acc >= plan.sft_target_accuracy
+
+    losses = supervised_finetune(
+        model,
+        tokenizer,
+        examples,
+        plan.sft_max_steps,
+        plan.sft_batch_size,
+        plan.sft_learning_rate,
+        stop=reached_target,
     )
+    console.print(f"SFT stopped after {len(losses)} steps")
     sft_dir = output_dir / "sft"
     model.save_pretrained(sft_dir)
     tokenizer.save_pretrained(sft_dir)

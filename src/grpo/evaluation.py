@@ -153,7 +153,7 @@ def evaluate_task(
         task.extract_answer,
         k=k,
         temperature=temperature,
-        max_completion_length=task.max_completion_chars + 1,
+        max_completion_length=task.max_completion_tokens,
         seed=seed,
     )
 
@@ -170,9 +170,7 @@ def periodic_task_eval(cfg) -> Callable | None:
 
     def eval_fn(model, tokenizer) -> dict[str, float]:
         return {
-            "accuracy": greedy_accuracy(
-                model, tokenizer, rows, correct, task.max_completion_chars + 1
-            )
+            "accuracy": greedy_accuracy(model, tokenizer, rows, correct, task.max_completion_tokens)
         }
 
     return eval_fn

@@ -58,9 +58,14 @@ def supervised_finetune(
     warmup_steps: int = 20,
     seed: int = 0,
     progress: bool = True,
-    on_step: Callable[[int, float], None] | None = None,
+    stop: Callable[[int], bool] | None = None,
 ) -> list[float]:
-    """Train ``model`` on (prompt, completion) pairs for ``steps`` AdamW steps; return losses."""
+    """Train ``model`` on (prompt, completion) pairs for up to ``steps`` AdamW steps.
+
+    ``stop(step)`` is asked after every step (1-based) and ends training early when it
+    says so; the demo uses it to stop once held-in accuracy reaches a target. Returns the
+    per-step losses.
+    """
     rng = random.Random(seed)
     torch.manual_seed(seed)
     encoded = [encode_example(tokenizer, p, c) for p, c in examples]
@@ -84,7 +89,7 @@ def supervised_finetune(
             schedule.step()
             losses.append(loss.item())
             bar.update(task, advance=1, description=f"SFT loss {loss.item():.3f}")
-            if on_step:
-                on_step(step, loss.item())
+            if stop is not None and stop(step + 1):
+                break
     model.eval()
     return losses
