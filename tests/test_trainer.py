@@ -127,7 +127,7 @@ def test_interrupt_and_resume_equal_uninterrupted(tiny_model_dir, tmp_path):
     for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     steps = [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4]
+    assert steps == [0, 1, 2, 3, 4]  # step 0: the evaluation of the starting model
 
 
 def test_resume_without_checkpoint_says_where(tiny_model_dir, tmp_path):

@@ -220,6 +220,11 @@ class GRPOTrainer:
         history: list[dict[str, float]] = []
         logger = MetricsLogger(self.output_dir, cfg.optim.max_steps, self.step, cfg.run.progress)
         with logger, _deferred_sigint() as interrupted:
+            if (
+                self.step == 0 and cfg.run.eval_every and self.eval_fn
+            ):  # the curve starts at the reference
+                evaluated = self.eval_fn(self.model, self.tokenizer).items()
+                logger.log(0, {f"eval/{k}": v for k, v in evaluated})
             while self.step < cfg.optim.max_steps and not interrupted():
                 metrics = self.train_step()
                 self.step += 1
