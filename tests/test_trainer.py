@@ -160,3 +160,9 @@ def test_micro_batches_give_the_one_pass_gradient(tiny_model_dir, tmp_path, loss
     split = grads([slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)])
     for a, b in zip(whole, split, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_fresh_run_in_a_used_directory_starts_a_new_log(tiny_model_dir, tmp_path):
+    for _ in range(2):
+        make_trainer(make_cfg(tiny_model_dir, tmp_path, "optim.max_steps=1")).train()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1]

@@ -32,8 +32,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 class MetricsLogger:
     """Appends each step's metrics to ``OUTPUT_DIR/metrics.jsonl`` and shows progress.
 
-    Appending (not rewriting) keeps the log of a resumed run continuous; on resume, lines
-    from steps after the checkpoint are dropped so the log matches the weights.
+    A resumed run appends to the log, after dropping lines from steps past its checkpoint
+    so the log matches the weights; a run from step 0 starts a new log.
     """
 
     def __init__(
@@ -42,7 +42,8 @@ class MetricsLogger:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step]
+            old = read_jsonl(self.path) if start_step > 0 else []  # a fresh run starts a fresh log
+            kept = [r for r in old if r.get("step", 0) <= start_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.console = Console(stderr=True)
         self.progress = Progress(
