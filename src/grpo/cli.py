@@ -63,7 +63,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     _threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model)
-    result = evaluate_task(model, tokenizer, args.task, args.n, args.k, args.temperature)
+    result = evaluate_task(
+        model, tokenizer, args.task, args.n, args.k, args.temperature, num_samples=args.samples
+    )
     print_table({Path(args.model).name: result})
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -147,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--task", default="add2")
     s.add_argument("--n", type=int, default=200, help="held-out prompts")
-    s.add_argument("--k", type=int, default=8, help="samples per prompt for pass@k / maj@k")
+    s.add_argument("--k", type=int, default=8, help="k of pass@k and maj@k")
+    s.add_argument("--samples", type=int, help="samples per prompt for the pass@k estimate (>= k)")
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--json", help="also write the result to this file")
     s.add_argument("--threads", type=int, default=0)

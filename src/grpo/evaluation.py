@@ -139,7 +139,14 @@ def evaluate(
 
 
 def evaluate_task(
-    model, tokenizer, task_name: str, n: int, k: int, temperature: float, seed: int = 0
+    model,
+    tokenizer,
+    task_name: str,
+    n: int,
+    k: int,
+    temperature: float,
+    seed: int = 0,
+    num_samples: int | None = None,
 ) -> dict:
     """``evaluate`` on ``n`` held-out problems of a built-in task."""
     from grpo.tasks import get_task
@@ -152,6 +159,7 @@ def evaluate_task(
         task.reward_functions["correctness"],
         task.extract_answer,
         k=k,
+        num_samples=num_samples,
         temperature=temperature,
         max_completion_length=task.max_completion_tokens,
         seed=seed,
