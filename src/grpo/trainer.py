@@ -220,21 +220,13 @@ class GRPOTrainer:
         history: list[dict[str, float]] = []
         logger = MetricsLogger(self.output_dir, cfg.optim.max_steps, self.step, cfg.run.progress)
         with logger, _deferred_sigint() as interrupted:
-            if (
-                self.step == 0 and cfg.run.eval_every and self.eval_fn
-            ):  # the curve starts at the reference
-                evaluated = self.eval_fn(self.model, self.tokenizer).items()
-                logger.log(0, {f"eval/{k}": v for k, v in evaluated})
+            if self.step == 0 and self._eval_due():  # the curve starts at the reference
+                logger.log(0, self._evaluate())
             while self.step < cfg.optim.max_steps and not interrupted():
                 metrics = self.train_step()
                 self.step += 1
-                if cfg.run.eval_every and self.eval_fn and self.step % cfg.run.eval_every == 0:
-                    metrics.update(
-                        {
-                            f"eval/{k}": v
-                            for k, v in self.eval_fn(self.model, self.tokenizer).items()
-                        }
-                    )
+                if self._eval_due():
+                    metrics.update(self._evaluate())
                 history.append({"step": self.step, **metrics})
                 if self.step % cfg.run.log_every == 0:
                     logger.log(self.step, metrics)
@@ -322,6 +314,13 @@ class GRPOTrainer:
         return metrics
 
     # ------------------------------------------------------------------ pieces
+    def _eval_due(self) -> bool:
+        every = self.cfg.run.eval_every
+        return bool(every and self.eval_fn and self.step % every == 0)
+
+    def _evaluate(self) -> dict[str, float]:
+        return {f"eval/{k}": v for k, v in self.eval_fn(self.model, self.tokenizer).items()}
+
     def _micro_size(self) -> int:
         o = self.cfg.optim
         return self.cfg.completions_per_step // (o.num_minibatches * o.gradient_accumulation_steps)
