@@ -10,6 +10,7 @@ from grpo.advantages import (
     expand_to_tokens,
     gae,
     group_advantages,
+    kl_penalised_scores,
     process_advantages,
     rloo_advantages,
     whiten,
@@ -179,3 +180,17 @@ def test_whiten():
     assert_close(whiten(x, mask), expected)
     # shift_mean=False adds the mean 2.5 back to the real entries.
     assert_close(whiten(x, mask, shift_mean=False), expected + 2.5 * mask)
+
+
+def test_kl_penalised_scores_then_rloo():
+    # beta 0.1. row 0, two real tokens: logp - ref = [-1 + 1.5, -2 + 1] = [0.5, -1.0], sum -0.5,
+    #   1 - 0.1 * -0.5 = 1.05 (the NaN on padding does not count)
+    # row 1, three: [-0.5 + 1, -0.5 + 1, -0.5 + 0.7] = [0.5, 0.5, 0.2], sum 1.2, 0 - 0.12 = -0.12
+    scores = torch.tensor([1.0, 0.0])  # [N]
+    logp = torch.tensor([[-1.0, -2.0, math.nan], [-0.5, -0.5, -0.5]])  # [N, T]
+    ref_logp = torch.tensor([[-1.5, -1.0, 0.0], [-1.0, -1.0, -0.7]])  # [N, T]
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # [N, T]
+    penalised = kl_penalised_scores(scores, logp, ref_logp, mask, beta=0.1)
+    assert_close(penalised, torch.tensor([1.05, -0.12]))
+    # As one group of G = 2 for RLOO: A = [1.05 - -0.12, -0.12 - 1.05] = [1.17, -1.17]
+    assert_close(rloo_advantages(penalised.reshape(1, 2)), torch.tensor([[1.17, -1.17]]))

@@ -216,3 +216,27 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(m, whitened, 0.0)  # [N, T]
+
+
+def kl_penalised_scores(
+    scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, beta: float
+) -> Tensor:
+    """RLOO's KL in the reward (eq. VI.I table, "KL in the reward"), one number per completion.
+
+    ``r_i = score_i - beta * sum_t (logp_t - ref_logp_t)`` over completion i's real tokens:
+    the sampled sequence's log-ratio, the k1 estimate of KL(policy || reference) summed over
+    the sequence (Ahmadian et al. 2024, "Back to Basics", as in TRL's RLOOTrainer). Feed the
+    result to ``rloo_advantages``; the loss then has no KL term.
+
+    Args:
+        scores: ``[N]`` reward of each completion.
+        logp: ``[N, T]`` log-probs of the sampled tokens under the sampling policy.
+        ref_logp: ``[N, T]`` log-probs of the same tokens under the frozen reference.
+        mask: ``[N, T]`` 1 on real completion tokens; padding may hold anything, even NaN.
+        beta: KL coefficient.
+
+    Returns:
+        ``[N]`` KL-penalised scores (reshape to ``[B, G]`` for ``rloo_advantages``).
+    """
+    log_ratio = torch.where(mask.bool(), logp - ref_logp, 0.0)  # [N, T], k1 per token
+    return scores - beta * log_ratio.sum(dim=1)  # [N]
