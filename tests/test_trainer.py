@@ -146,7 +146,8 @@ def test_micro_batches_give_the_one_pass_gradient(tiny_model_dir, tmp_path, loss
     idx = t.sampler.next(2)
     rollout = t.engine.generate(t.model, [t.prompt_ids[i] for i in idx], t.sampling, t.generator)
     adv = torch.linspace(-1, 1, rollout.completion_ids.shape[0])[:, None]  # [N, 1]
-    mb = trainer_mod.rollout_to_batch(rollout, adv.expand_as(rollout.completion_mask).float())
+    mb = trainer_mod.rollout_to_batch(rollout)
+    mb.advantages = adv.expand_as(mb.completion_mask) * mb.completion_mask  # [N, T]
     mb.ref_logp = trainer_mod.batched_logp(t.ref_model, mb, 8, 1.0)
     norm = Normaliser.from_mask(mb.completion_mask, cfg.rollout.max_completion_length)
 

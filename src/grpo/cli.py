@@ -114,6 +114,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.output_dir), fast=args.fast, threads=args.threads)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from grpo.compare import compare
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:
+        config, overrides = None, [config, *overrides]
+    arms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    out = Path(args.output_dir)
+    results = compare(config, overrides, arms, out)
+    for arm, r in results.items():
+        console.print(
+            f"{arm:>13}: accuracy {r['accuracy_before']} -> {r['accuracy_after']}, "
+            f"{r['s_per_step']:.2f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB, "
+            f"weights+optimizer {r['model_and_optimizer_bytes'] / 2**20:.1f} MB"
+        )
+    console.print(f"report: {out / 'compare.md'}  data: {out / 'compare.json'}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from grpo.report import plot_run
 
@@ -177,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--threads", type=int, default=0)
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("compare", help="train several algorithms on the same budget and report")
+    s.add_argument("config", nargs="?", help="YAML config shared by every arm")
+    s.add_argument("overrides", nargs="*", help="key=value overrides shared by every arm")
+    s.add_argument(
+        "--algorithms", default="grpo,ppo,rloo", help="arms: grpo, ppo, rloo, grpo-process"
+    )
+    s.add_argument("--output-dir", default="runs/compare")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("report", help="plot a run's curves from its metrics.jsonl")
     s.add_argument("run_dir")

@@ -66,9 +66,21 @@ class RolloutConfig(_Section):
 
 class RewardsConfig(_Section):
     functions: list[str] = Field(default_factory=lambda: ["arithmetic_correct"])
-    """Reward functions: registry names, ``path/file.py:function`` or ``module:function``."""
+    """Reward functions: registry names, ``path/file.py:function``, ``module:function``, or
+    ``model:PATH`` for a learned outcome reward model (sequence classification)."""
     weights: list[float] | None = None
     """One weight per function (default: all 1)."""
+    step_source: str = "verifier"
+    """Step rewards for ``algorithm.advantage: process``: ``verifier`` (the built-in task's
+    step verifier) or the path of a process reward model (token classification)."""
+    step_separator: str = "\n"
+    """Where one reasoning step ends and the next begins (process reward models)."""
+    overlong_buffer: int = Field(default=0, ge=0)
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): completions longer than
+    ``max_completion_length - overlong_buffer`` lose up to ``overlong_penalty``, linearly;
+    0 disables it."""
+    overlong_penalty: float = Field(default=1.0, ge=0)
+    """Reward lost by a completion that reaches ``max_completion_length``."""
 
     @model_validator(mode="after")
     def _weights_match(self) -> RewardsConfig:
@@ -83,8 +95,12 @@ class RewardsConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["grpo"] = "grpo"
-    """Policy-gradient estimator."""
+    name: Literal["grpo", "rloo", "ppo"] = "grpo"
+    """Estimator: GRPO (group baseline, KL in the loss), RLOO (leave-one-out baseline, no
+    std, no clipping, KL in the reward; seed section VI), PPO (learned critic + GAE, KL in
+    the reward; seed section I)."""
+    advantage: Literal["outcome", "process"] = "outcome"
+    """GRPO only: one reward per completion (eq. II.I) or per reasoning step (eq. V.I)."""
     beta: float = Field(default=0.04, ge=0)
     """KL weight (eq. IV.I). 0 loads no reference model at all."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
@@ -103,10 +119,37 @@ class AlgorithmConfig(_Section):
     """Aggregation: per-completion mean (paper), token mean (DAPO), constant budget (Dr. GRPO)."""
     ref_reset_every: int = Field(default=0, ge=0)
     """Reset the reference model to the policy every N steps (iterative RL); 0 never."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """Ratio per token (PPO, GRPO) or one per completion, the mean token log-ratio
+    exponentiated (GSPO, Zheng et al. 2025; use it with small epsilons, e.g. 3e-4/4e-4)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal (zero advantage)
+    and sample more prompts until the batch is full again."""
+    max_refills: int = Field(default=4, ge=0)
+    """Extra generation rounds dynamic sampling may run per step before it trains on the
+    informative groups it has."""
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    """PPO: discount of GAE."""
+    lam: float = Field(default=0.95, ge=0, le=1)
+    """PPO: lambda of GAE."""
+    value_clip: float | None = Field(default=0.2, ge=0)
+    """PPO: clip range of the value loss around the old values (None: unclipped)."""
+    critic_learning_rate: float | None = Field(default=None, gt=0)
+    """PPO: AdamW learning rate of the critic (default: optim.learning_rate)."""
 
     @property
     def clip_high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def kl_in_loss(self) -> bool:
+        """GRPO puts beta * KL in the loss (eq. IV.I); RLOO and PPO put it in the reward."""
+        return self.name == "grpo" and self.beta > 0
+
+    @property
+    def clipped(self) -> bool:
+        """RLOO is plain REINFORCE with a baseline: no ratio clipping."""
+        return self.name != "rloo"
 
 
 class OptimConfig(_Section):
@@ -159,6 +202,20 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
+    def _algorithm_options(self) -> Config:
+        alg = self.algorithm
+        if alg.advantage == "process" and alg.name != "grpo":
+            raise ValueError(
+                f"algorithm.advantage='process' needs algorithm.name='grpo', got {alg.name!r}"
+            )
+        if self.rewards.overlong_buffer >= self.rollout.max_completion_length:
+            raise ValueError(
+                f"rewards.overlong_buffer={self.rewards.overlong_buffer} must be smaller than "
+                f"rollout.max_completion_length={self.rollout.max_completion_length}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _whole_groups(self) -> Config:
         b, mb, gas = (
             self.rollout.prompts_per_step,
@@ -184,8 +241,11 @@ class Config(_Section):
 
     @property
     def needs_old_logp(self) -> bool:
-        """One optimizer step per rollout batch makes the ratio exactly 1 (old = logp.detach())."""
-        return self.algorithm.num_iterations > 1 or self.optim.num_minibatches > 1
+        """One optimizer step per rollout batch makes the ratio exactly 1 (old = logp.detach());
+        RLOO and PPO also need the sampling policy's log-probs for the KL in the reward."""
+        several_updates = self.algorithm.num_iterations > 1 or self.optim.num_minibatches > 1
+        kl_in_reward = self.algorithm.name != "grpo" and self.algorithm.beta > 0
+        return several_updates or kl_in_reward
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import math
 import random
+import resource
 import signal
 import threading
 import time
@@ -25,76 +26,19 @@ from typing import Any
 
 import torch
 
-import grpo.tasks  # noqa: F401  (registers the built-in tasks' reward functions)
 from grpo import checkpoint as ckpt
-from grpo.advantages import expand_to_tokens, group_advantages
 from grpo.config import Config, dump_config
 from grpo.data import PromptSampler, encode_prompt, training_rows
-from grpo.logprobs import completion_logp
-from grpo.losses import Normaliser, aggregate, clipped_surrogate, kl_divergence
-from grpo.metrics import MetricsLogger, masked_mean
+from grpo.estimators import Critic, Scored, fill_advantages, informative_groups
+from grpo.losses import Normaliser
+from grpo.metrics import MetricsLogger
+from grpo.objective import batched_logp, policy_loss, rollout_to_batch
 from grpo.rewards import load_reward_function, score
+from grpo.rewards.models import ProcessRewardModel, verifier_step_source
+from grpo.rewards.shaping import overlong_penalty
 from grpo.rollout import make_engine
-from grpo.types import Batch, LossOutput, Rollout, SamplingParams
-
-
-def policy_loss(model, batch: Batch, cfg: Config, norm: Normaliser) -> LossOutput:
-    """Clipped surrogate (section III) plus beta * KL (eq. IV.I), aggregated once.
-
-    ``batch`` is a micro-batch; ``norm`` holds the whole mini-batch's totals, so summing
-    this loss over micro-batches gives exactly the mini-batch's loss.
-    """
-    alg = cfg.algorithm
-    mask = batch.completion_mask  # [n, T]
-    logp, entropy = completion_logp(
-        model,
-        batch.input_ids,
-        batch.attention_mask,
-        batch.completion_length,
-        temperature=cfg.rollout.temperature,
-        with_entropy=True,
-    )  # [n, T]
-    old_logp = logp.detach() if batch.old_logp is None else batch.old_logp  # [n, T]
-    surrogate = clipped_surrogate(logp, old_logp, batch.advantages, alg.epsilon, alg.clip_high)
-    per_token = surrogate.per_token_loss  # [n, T]
-    metrics = {
-        "entropy": masked_mean(entropy, mask),
-        "clip_ratio/low_mean": masked_mean(surrogate.low_clipped.float(), mask),
-        "clip_ratio/high_mean": masked_mean(surrogate.high_clipped.float(), mask),
-    }
-    if alg.beta > 0:
-        kl = kl_divergence(logp, batch.ref_logp, alg.kl_estimator)  # [n, T]
-        per_token = per_token + alg.beta * kl
-        metrics["kl"] = masked_mean(kl.detach(), mask)
-    loss = aggregate(per_token, mask, alg.loss_type, norm)
-    return LossOutput(loss=loss, metrics=metrics)
-
-
-def rollout_to_batch(rollout: Rollout, advantages: torch.Tensor) -> Batch:
-    """Prompt (repeated per completion) + completion as one [N, P + T] sequence."""
-    g = rollout.group_size
-    prompt_ids = rollout.prompt_ids.repeat_interleave(g, dim=0)  # [N, P]
-    prompt_mask = rollout.prompt_mask.repeat_interleave(g, dim=0)  # [N, P]
-    mask = rollout.completion_mask.float()  # [N, T]
-    return Batch(
-        input_ids=torch.cat([prompt_ids, rollout.completion_ids], dim=1),  # [N, P + T]
-        attention_mask=torch.cat([prompt_mask.long(), mask.long()], dim=1),  # [N, P + T]
-        completion_mask=mask,
-        advantages=advantages * mask,  # [N, T]
-    )
-
-
-@torch.no_grad()
-def batched_logp(model, batch: Batch, micro_size: int, temperature: float) -> torch.Tensor:
-    """Log-probs of the batch's completions under ``model``, micro-batch by micro-batch."""
-    parts = []
-    for start in range(0, batch.num_completions, micro_size):
-        mb = batch.rows(slice(start, start + micro_size))
-        logp, _ = completion_logp(
-            model, mb.input_ids, mb.attention_mask, mb.completion_length, temperature=temperature
-        )
-        parts.append(logp)
-    return torch.cat(parts)  # [N, T]
+from grpo.tasks import get_task  # importing it registers the built-in tasks' rewards
+from grpo.types import Batch, SamplingParams
 
 
 def lr_lambda(cfg: Config) -> Callable[[int], float]:
@@ -119,6 +63,15 @@ def _weighted_mean(parts: list[dict[str, float]], weights: list[float]) -> dict[
     total = sum(weights) or 1.0
     keys = parts[0].keys() if parts else []
     return {k: sum(p[k] * w for p, w in zip(parts, weights, strict=True)) / total for k in keys}
+
+
+def _current_rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc; 0 where it is unavailable)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * resource.getpagesize() / 2**20
 
 
 @contextlib.contextmanager
@@ -158,6 +111,7 @@ class GRPOTrainer:
         eval_fn: Callable[[Any, Any], dict[str, float]] | None = None,
     ):
         self.cfg = cfg
+        self.rss_at_start_mb = _current_rss_mb()  # before any model is loaded
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         torch.manual_seed(cfg.run.seed)
@@ -189,7 +143,15 @@ class GRPOTrainer:
             load_reward_function(s) for s in cfg.rewards.functions
         ]
         self.eval_fn = eval_fn
-        o = cfg.optim
+        self.step_source = self._step_source() if cfg.algorithm.advantage == "process" else None
+        alg, o = cfg.algorithm, cfg.optim
+        self.critic = (
+            Critic(
+                cfg.model.name_or_path, alg.critic_learning_rate or o.learning_rate, o.max_grad_norm
+            )
+            if alg.name == "ppo"
+            else None
+        )
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=o.learning_rate,
@@ -199,6 +161,18 @@ class GRPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
         self.output_dir = Path(cfg.run.output_dir)
+
+    def _step_source(self):
+        """Step rewards for process supervision: the task's verifier or a PRM (eq. V.I)."""
+        r = self.cfg.rewards
+        if r.step_source != "verifier":
+            return ProcessRewardModel(r.step_source, separator=r.step_separator)
+        if self.cfg.data.train_file:
+            raise ValueError(
+                "rewards.step_source='verifier' needs a built-in task (data.task); with "
+                "data.train_file, give the path of a process reward model instead"
+            )
+        return verifier_step_source(get_task(self.cfg.data.task))
 
     def _load_reference(self):
         if self.cfg.model.ref_name_or_path:
@@ -243,63 +217,46 @@ class GRPOTrainer:
         return history
 
     def train_step(self) -> dict[str, float]:
-        cfg, g = self.cfg, self.cfg.rollout.num_generations
+        cfg, alg = self.cfg, self.cfg.algorithm
         t0 = time.perf_counter()
 
-        # 1. draw B prompts
-        idx = self.sampler.next(cfg.rollout.prompts_per_step)
-        rows = [self.rows[i] for i in idx]
-
-        # 2. generate G completions each
-        rollout = self.engine.generate(
-            self.model, [self.prompt_ids[i] for i in idx], self.sampling, self.generator
-        )
+        # 1-3. draw B prompts, generate G completions each, score (DAPO: refill flat groups)
+        scored, reward_metrics = self._sample_and_score()
+        rollout = scored.rollout
         t_gen = time.perf_counter()
 
-        # 3. score
-        ids = [
-            row[m.bool()].tolist()
-            for row, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
-        ]
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        rewards_out = self._score(rows, texts, ids, g)
-        rewards = rewards_out.rewards.view(-1, g)  # [B, G]
-
-        # 4. advantages (eq. II.I)
-        adv = group_advantages(
-            rewards, cfg.algorithm.scale_rewards, cfg.algorithm.advantage_eps
-        )  # [B, G]
-        batch = rollout_to_batch(rollout, expand_to_tokens(adv, rollout.completion_mask.float()))
+        # 4. advantages, after the log-probs the estimator needs
+        batch = rollout_to_batch(rollout)
         micro = self._micro_size()
         if cfg.needs_old_logp:
-            batch.old_logp = batched_logp(
-                self.model, batch, micro, cfg.rollout.temperature
-            )  # [N, T]
+            batch.old_logp = batched_logp(self.model, batch, micro, cfg.rollout.temperature)
         if self.ref_model is not None:
-            batch.ref_logp = batched_logp(
-                self.ref_model, batch, micro, cfg.rollout.temperature
-            )  # [N, T]
+            batch.ref_logp = batched_logp(self.ref_model, batch, micro, cfg.rollout.temperature)
+        fill_advantages(batch, scored, cfg, self.tokenizer, self.step_source, self.critic, micro)
         t_ref = time.perf_counter()
 
         # 5. mu passes x mini-batches of whole groups: logp, loss, backward, step
         self.model.train()
         per_mini = batch.num_completions // cfg.optim.num_minibatches
+        micro = per_mini // cfg.optim.gradient_accumulation_steps
         updates = []
-        for _ in range(cfg.algorithm.num_iterations):
+        for _ in range(alg.num_iterations):
             for start in range(0, batch.num_completions, per_mini):
-                updates.append(
-                    self._optimizer_step(batch.rows(slice(start, start + per_mini)), micro)
-                )
+                mini = batch.rows(slice(start, start + per_mini))
+                update = self._optimizer_step(mini, micro)
+                if self.critic is not None:
+                    update.update(self.critic.update(mini, micro, alg.value_clip))
+                updates.append(update)
         t_end = time.perf_counter()
 
         # 6. iterative RL: the reference follows the policy every N steps (DeepSeekMath 4.2)
-        n_reset = cfg.algorithm.ref_reset_every
+        n_reset = alg.ref_reset_every
         if self.ref_model is not None and n_reset and (self.step + 1) % n_reset == 0:
             self.ref_model.load_state_dict(self.model.state_dict())
 
         lengths = rollout.completion_lengths.float()  # [N]
-        metrics = {
-            **self._reward_metrics(rewards, rewards_out),
+        return {
+            **reward_metrics,
             **_weighted_mean(updates, [1.0] * len(updates)),
             "completions/mean_length": lengths.mean().item(),
             "completions/max_length": lengths.max().item(),
@@ -310,8 +267,8 @@ class GRPOTrainer:
             "time/generation": t_gen - t0,
             "time/scoring_and_reference": t_ref - t_gen,
             "time/update": t_end - t_ref,
+            **self._memory_metrics(),
         }
-        return metrics
 
     # ------------------------------------------------------------------ pieces
     def _eval_due(self) -> bool:
@@ -325,23 +282,95 @@ class GRPOTrainer:
         o = self.cfg.optim
         return self.cfg.completions_per_step // (o.num_minibatches * o.gradient_accumulation_steps)
 
-    def _score(self, rows: list[dict], texts: list[str], ids: list[list[int]], g: int):
-        col = self.cfg.data.prompt_column
-        prompts = [r[col] for r in rows for _ in range(g)]
-        columns = {k: [r[k] for r in rows for _ in range(g)] for k in rows[0] if k != col}
-        return score(self.reward_functions, self.cfg.rewards.weights, prompts, texts, columns, ids)
+    def _sample_and_score(self) -> tuple[Scored, dict[str, float]]:
+        """One generation round of B prompts; with dynamic sampling, more rounds (at most
+        ``max_refills``) until B groups with differing rewards are found."""
+        alg, b = self.cfg.algorithm, self.cfg.rollout.prompts_per_step
+        scored, metrics = self._generation_round(b)
+        if not alg.dynamic_sampling:
+            return scored, metrics
+        kept = [scored.select(informative_groups(scored.rewards))]
+        for _ in range(alg.max_refills):
+            if sum(p.num_groups for p in kept) >= b:
+                break
+            more, _ = self._generation_round(b)
+            kept.append(more.select(informative_groups(more.rewards)))
+        have = sum(p.num_groups for p in kept)
+        if have == 0:
+            raise RuntimeError(
+                f"dynamic sampling found no group with differing rewards in "
+                f"{alg.max_refills + 1} rounds of {b} prompts: every completion of every "
+                "group scored the same. Check the reward functions, or make the task easier "
+                "(or harder) for this model, or raise algorithm.max_refills."
+            )
+        merged = Scored.concat(kept, self.sampling.pad_token_id)
+        if have > b:
+            merged = merged.select(torch.arange(have) < b)
+        metrics["dynamic_sampling/groups_kept"] = min(have, b)
+        return merged, metrics
+
+    def _generation_round(self, num_prompts: int) -> tuple[Scored, dict[str, float]]:
+        cfg, g = self.cfg, self.cfg.rollout.num_generations
+        idx = self.sampler.next(num_prompts)
+        rows = [self.rows[i] for i in idx]
+        prompts = [self.prompt_ids[i] for i in idx]
+        rollout = self.engine.generate(self.model, prompts, self.sampling, self.generator)
+        ids = [
+            row[m.bool()].tolist()
+            for row, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
+        ]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        col = cfg.data.prompt_column
+        out = score(
+            self.reward_functions,
+            cfg.rewards.weights,
+            [r[col] for r in rows for _ in range(g)],
+            texts,
+            {k: [r[k] for r in rows for _ in range(g)] for k in rows[0] if k != col},
+            ids,
+        )
+        rewards = out.rewards + overlong_penalty(
+            rollout.completion_lengths,
+            cfg.rollout.max_completion_length,
+            cfg.rewards.overlong_buffer,
+            cfg.rewards.overlong_penalty,
+        )  # [N]
+        scored = Scored(rows, rollout, ids, texts, rewards.view(-1, g))
+        return scored, self._reward_metrics(scored.rewards, out)
 
     def _reward_metrics(self, rewards: torch.Tensor, out) -> dict[str, float]:
         group_std = rewards.std(dim=1)  # [B]
         metrics = {
             "reward": rewards.mean().item(),
             "reward_std": group_std.mean().item(),
-            "frac_reward_zero_std": (group_std < 1e-8).float().mean().item(),
+            "frac_reward_zero_std": (~informative_groups(rewards)).float().mean().item(),
         }
         for j, name in enumerate(out.names):
             values = out.per_function[:, j]
             metrics[f"rewards/{name}/mean"] = values.nanmean().item()
         return metrics
+
+    def _memory_metrics(self) -> dict[str, float]:
+        """Peak resident memory of the process, and bytes held by weights and optimizer
+        states (policy, reference, critic): what the seed says GRPO saves over PPO."""
+        models = [m for m in (self.model, self.ref_model, self.critic and self.critic.model) if m]
+        optimizers = [self.optimizer] + ([self.critic.optimizer] if self.critic else [])
+        weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+        states = sum(
+            t.numel() * t.element_size()
+            for o in optimizers
+            for st in o.state.values()
+            for t in st.values()
+            if torch.is_tensor(t)
+        )
+        return {
+            "memory/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "memory/rss_at_start_mb": self.rss_at_start_mb,
+            "memory/model_and_optimizer_bytes": weights + states,
+            "trained_parameters": sum(
+                p.numel() for m in models for p in m.parameters() if p.requires_grad
+            ),
+        }
 
     def _optimizer_step(self, mini: Batch, micro: int) -> dict[str, float]:
         cfg = self.cfg
@@ -370,6 +399,14 @@ class GRPOTrainer:
             "sampler": self.sampler.state_dict(),
             "generator": self.generator.get_state(),
             "rng": ckpt.rng_state(),
+            **(
+                {
+                    "critic": self.critic.model.state_dict(),
+                    "critic_optimizer": self.critic.optimizer.state_dict(),
+                }
+                if self.critic
+                else {}
+            ),
         }
 
     def save(self) -> Path:
@@ -399,5 +436,8 @@ class GRPOTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["generator"])
         ckpt.set_rng_state(state["rng"])
+        if self.critic is not None:
+            self.critic.model.load_state_dict(state["critic"])
+            self.critic.optimizer.load_state_dict(state["critic_optimizer"])
         self.step = state["step"]
         return self.step

@@ -280,13 +280,19 @@ def load_reward_function(spec: str) -> RewardFunction:
 
     - a registered name: ``"math_accuracy"`` (see ``REWARDS``);
     - a file and a function in it: ``"path/to/rewards.py:my_reward"``;
-    - a module and a function in it: ``"my_package.rewards:my_reward"``.
+    - a module and a function in it: ``"my_package.rewards:my_reward"``;
+    - a learned outcome reward model: ``"model:path/to/checkpoint"`` (sequence
+      classification, see ``grpo.rewards.models.OutcomeRewardModel``).
 
     Raises:
         RewardError: naming the spec and what was wrong with it.
     """
     if spec in REWARDS:
         return REWARDS[spec]
+    if spec.startswith("model:"):
+        from grpo.rewards.models import OutcomeRewardModel
+
+        return OutcomeRewardModel(spec.removeprefix("model:"))
     source, sep, attribute = spec.rpartition(":")
     if not sep or not source or not attribute:
         raise RewardError(

@@ -1,0 +1,122 @@
+"""``grpo compare``: the seed's comparisons, measured on one task, model, seed and budget.
+
+Each arm (an algorithm, or GRPO with process supervision) runs ``grpo train`` in its own
+process, so its peak resident memory is its own. The numbers in the report are read
+back from each arm's ``metrics.jsonl``; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from grpo.metrics import read_jsonl
+
+ARMS: dict[str, list[str]] = {
+    "grpo": ["algorithm.name=grpo"],
+    "ppo": ["algorithm.name=ppo"],
+    "rloo": ["algorithm.name=rloo"],
+    "grpo-process": ["algorithm.name=grpo", "algorithm.advantage=process"],
+}
+"""Arm name -> the overrides that select it (``grpo-process``: eq. V.I vs outcome)."""
+
+SPLIT = ("time/generation", "time/scoring_and_reference", "time/update")
+
+
+def run_arm(config: str | None, overrides: list[str], arm: str, output_dir: Path) -> Path:
+    """Train one arm in a child process; returns its run directory."""
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
+    run_dir = output_dir / arm
+    cmd = [sys.executable, "-m", "grpo.cli", "train", *([config] if config else [])]
+    cmd += [*overrides, *ARMS[arm], f"run.output_dir={run_dir}", "run.progress=false"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"arm {arm!r} failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+    return run_dir
+
+
+def summarise(run_dir: Path) -> dict:
+    """The comparison's numbers for one run, from its metrics log."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [r for r in rows if "step_time" in r]
+    evals = [(r["step"], r["eval/accuracy"]) for r in rows if r.get("eval/accuracy") is not None]
+    peak = max(r["memory/peak_rss_mb"] for r in steps)
+    start = steps[0]["memory/rss_at_start_mb"]
+    tenth = max(1, len(steps) // 10)
+    return {
+        "peak_rss_mb": peak,
+        "training_rss_mb": peak - start,
+        "model_and_optimizer_bytes": steps[-1]["memory/model_and_optimizer_bytes"],
+        "trained_parameters": steps[-1]["trained_parameters"],
+        "s_per_step": statistics.median(r["step_time"] for r in steps),
+        **{f"s_{k.split('/')[1]}": statistics.median(r[k] for r in steps) for k in SPLIT},
+        "accuracy_before": evals[0][1] if evals else None,
+        "accuracy_after": evals[-1][1] if evals else None,
+        "reward_first_10pct": statistics.fmean(r["reward"] for r in steps[:tenth]),
+        "reward_last_10pct": statistics.fmean(r["reward"] for r in steps[-tenth:]),
+        "accuracy_curve": evals,
+        "reward_curve": [(r["step"], r["reward"]) for r in steps],
+    }
+
+
+def write_report(results: dict[str, dict], output_dir: Path) -> Path:
+    """compare.json, compare.md and compare.png in ``output_dir``; returns the Markdown path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from grpo.report import smooth
+
+    (output_dir / "compare.json").write_text(json.dumps(results, indent=2))
+    fig, (acc_ax, rew_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, r in results.items():
+        if r["accuracy_curve"]:
+            acc_ax.plot(*zip(*r["accuracy_curve"], strict=True), "o-", label=arm)
+        steps, rewards = zip(*r["reward_curve"], strict=True)
+        rew_ax.plot(steps, smooth(list(rewards), max(2, len(rewards) // 10)), label=arm)
+    acc_ax.set(title="held-out greedy accuracy", xlabel="step")
+    rew_ax.set(title="mean training reward (moving average)", xlabel="step")
+    for ax in (acc_ax, rew_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(output_dir / "compare.png", dpi=100)
+    plt.close(fig)
+
+    head = (
+        "| arm | accuracy before -> after | reward first -> last 10% | s/step (gen / score+ref "
+        "/ update) | peak RSS MB (training) | weights + optimizer MB | trained params |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for arm, r in results.items():
+        acc = (
+            f"{r['accuracy_before']:.1%} -> {r['accuracy_after']:.1%}"
+            if r["accuracy_before"] is not None
+            else "n/a"
+        )
+        lines.append(
+            f"| {arm} | {acc} | {r['reward_first_10pct']:.3f} -> {r['reward_last_10pct']:.3f} "
+            f"| {r['s_per_step']:.3f} ({r['s_generation']:.3f} / "
+            f"{r['s_scoring_and_reference']:.3f} / {r['s_update']:.3f}) "
+            f"| {r['peak_rss_mb']:.0f} ({r['training_rss_mb']:.0f}) "
+            f"| {r['model_and_optimizer_bytes'] / 2**20:.1f} | {r['trained_parameters']:,} |"
+        )
+    md = output_dir / "compare.md"
+    md.write_text("# grpo compare\n\n" + head + "\n".join(lines) + "\n\n![curves](compare.png)\n")
+    return md
+
+
+def compare(config: str | None, overrides: list[str], arms: list[str], output_dir: Path) -> dict:
+    """Run every arm, then write and return the comparison."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for arm in arms:
+        results[arm] = summarise(run_arm(config, overrides, arm, output_dir))
+    write_report(results, output_dir)
+    return results

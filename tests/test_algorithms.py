@@ -1,0 +1,149 @@
+"""RLOO, PPO, process supervision and the variants, through the real training step."""
+
+import pytest
+import torch
+from test_trainer import distinct_chars, make_cfg
+
+from grpo.config import build_config
+from grpo.estimators import Scored, fill_advantages, informative_groups
+from grpo.losses import Normaliser
+from grpo.objective import batched_logp, policy_loss, rollout_to_batch
+from grpo.rewards.shaping import overlong_penalty
+from grpo.trainer import GRPOTrainer
+from grpo.types import Batch, Rollout
+
+
+def constant(prompts, completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def test_overlong_penalty_by_hand():
+    # L_max 20, buffer 4: free up to 16 tokens, then -1/4 per token, -1 at 20
+    got = overlong_penalty(torch.tensor([3, 16, 17, 19, 20]), max_length=20, buffer=4)
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.0, -0.25, -0.75, -1.0]))
+    assert overlong_penalty(torch.tensor([20]), 20, buffer=0).item() == 0.0
+
+
+def test_informative_groups():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.5]])
+    assert informative_groups(rewards).tolist() == [False, True, False]
+
+
+def _one_group_batch(mask):
+    n, t = mask.shape
+    rollout = Rollout(
+        prompt_ids=torch.ones(1, 2, dtype=torch.long),
+        prompt_mask=torch.ones(1, 2, dtype=torch.long),
+        completion_ids=torch.ones(n, t, dtype=torch.long),
+        completion_mask=mask.long(),
+        sample_logp=torch.zeros(n, t),
+        truncated=torch.zeros(n, dtype=torch.bool),
+        group_size=n,
+    )
+    return rollout, rollout_to_batch(rollout)
+
+
+def test_rloo_puts_kl_in_the_reward_by_hand():
+    cfg = build_config(
+        overrides=["algorithm.name=rloo", "algorithm.beta=0.5", "rollout.num_generations=3"]
+    )
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    rollout, batch = _one_group_batch(mask)
+    batch.old_logp = torch.tensor([[-1.0, -1.0], [-2.0, 9.0], [-1.0, -3.0]])
+    batch.ref_logp = torch.tensor([[-2.0, -1.0], [-2.0, 0.0], [-1.0, -1.0]])
+    scored = Scored([{}], rollout, [[]] * 3, [""] * 3, torch.tensor([[1.0, 0.0, 1.0]]))
+    fill_advantages(batch, scored, cfg)
+    # KL_i = sum (old - ref): 1, 0 (padding ignored), -2; shaped r = r - 0.5 KL = 0.5, 0, 2
+    # leave-one-out: 0.5 - (0+2)/2 = -0.5; 0 - (0.5+2)/2 = -1.25; 2 - (0.5+0)/2 = 1.75
+    want = torch.tensor([[-0.5, -0.5], [-1.25, 0.0], [1.75, 1.75]])
+    torch.testing.assert_close(batch.advantages, want)
+
+
+def test_gspo_gives_every_token_of_a_completion_one_ratio(tiny_model_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, tmp_path, "algorithm.importance_sampling_level=sequence",
+                   "algorithm.beta=0")  # fmt: skip
+    t = GRPOTrainer(cfg, reward_functions=[distinct_chars])
+    rollout = t.engine.generate(t.model, [t.prompt_ids[0]], t.sampling, t.generator)
+    batch = rollout_to_batch(rollout)
+    mask = batch.completion_mask  # [N, T]
+    batch.advantages = mask.clone()  # A = 1 on every real token
+    logp = batched_logp(t.model, batch, 8, 1.0)  # [N, T]
+    batch.old_logp = logp + torch.linspace(-0.6, 0.6, logp.shape[1])  # token ratios all differ
+    out = policy_loss(t.model, batch, cfg, Normaliser.from_mask(mask, 8))
+    # GSPO: r_i = exp(mean over i's tokens of (logp - old_logp)); with A = 1 each token's
+    # objective is min(r_i, clip(r_i, 0.8, 1.2)), so the per-completion mean is that value too
+    # and the paper's aggregation gives -mean_i min(r_i, clip(r_i))
+    seq = ((logp - batch.old_logp) * mask).sum(1) / mask.sum(1)  # [N]
+    r = seq.exp()
+    want = -torch.minimum(r, r.clamp(0.8, 1.2)).mean()
+    torch.testing.assert_close(out.loss, want)
+
+
+def run_steps(tiny_model_dir, tmp_path, *extra, rewards=(distinct_chars,)):
+    t = GRPOTrainer(make_cfg(tiny_model_dir, tmp_path, *extra), reward_functions=list(rewards))
+    return t, [t.train_step() for _ in range(2)]
+
+
+def test_rloo_trains_without_clipping(tiny_model_dir, tmp_path):
+    _, history = run_steps(tiny_model_dir, tmp_path, "algorithm.name=rloo")
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert "clip_ratio/low_mean" not in history[0] and "kl" in history[0]
+
+
+def test_ppo_trains_a_critic_and_costs_more_memory(tiny_model_dir, tmp_path):
+    grpo, grpo_hist = run_steps(tiny_model_dir, tmp_path / "g")
+    ppo, ppo_hist = run_steps(tiny_model_dir, tmp_path / "p", "algorithm.name=ppo")
+    assert all(torch.isfinite(torch.tensor(h["value_loss"])) for h in ppo_hist)
+    assert ppo.critic.model.head.weight.abs().sum() > 0  # the head left zero
+    # GRPO: policy + reference weights + AdamW's two moments of the policy = 4 copies;
+    # PPO adds a critic of the same backbone with its own two moments: 7 copies (roughly)
+    g, p = (
+        grpo_hist[-1]["memory/model_and_optimizer_bytes"],
+        ppo_hist[-1]["memory/model_and_optimizer_bytes"],
+    )
+    params = list(grpo.model.parameters())
+    n_bytes = sum(x.numel() * 4 for x in params)
+    assert g == 4 * n_bytes + 4 * len(params)  # + AdamW's float32 step counter per tensor
+    assert p > 1.5 * g
+
+
+def test_process_supervision_with_the_step_verifier(tiny_model_dir, tmp_path):
+    _, history = run_steps(tiny_model_dir, tmp_path, "algorithm.advantage=process",
+                           "rollout.max_completion_length=12")  # fmt: skip
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+
+
+def test_dynamic_sampling_keeps_only_informative_groups(tiny_model_dir, tmp_path, monkeypatch):
+    t = GRPOTrainer(
+        make_cfg(
+            tiny_model_dir, tmp_path, "algorithm.dynamic_sampling=true", "algorithm.max_refills=3"
+        ),
+        reward_functions=[distinct_chars],
+    )
+    scored, metrics = t._sample_and_score()
+    assert informative_groups(scored.rewards).all()
+    assert scored.num_groups <= 2 and metrics["dynamic_sampling/groups_kept"] == scored.num_groups
+
+
+def test_dynamic_sampling_stops_with_a_clear_message(tiny_model_dir, tmp_path):
+    t = GRPOTrainer(
+        make_cfg(
+            tiny_model_dir, tmp_path, "algorithm.dynamic_sampling=true", "algorithm.max_refills=2"
+        ),
+        reward_functions=[constant],
+    )
+    drawn = t.sampler.state_dict()
+    with pytest.raises(RuntimeError, match="no group with differing rewards in 3 rounds"):
+        t.train_step()
+    assert t.sampler.state_dict()["position"] == drawn["position"] + 3 * 2  # bounded: 3 rounds of 2
+
+
+def test_batch_rows_keep_extras():
+    b = Batch(
+        input_ids=torch.zeros(4, 3, dtype=torch.long),
+        attention_mask=torch.ones(4, 3, dtype=torch.long),
+        completion_mask=torch.ones(4, 2),
+        advantages=torch.zeros(4, 2),
+        extras={"returns": torch.arange(8.0).view(4, 2)},
+    )
+    assert b.rows(slice(2, 4)).extras["returns"].tolist() == [[4.0, 5.0], [6.0, 7.0]]
