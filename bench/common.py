@@ -233,6 +233,7 @@ def summarise(
         raise RuntimeError(f"no steps left after {warmup} warm-up steps")
     return {
         "s_per_step": statistics.median(kept_s),
+        "best_s_per_step": min(kept_s),
         "tokens_per_s": statistics.median(n / s for n, s in zip(kept_tok, kept_s, strict=True)),
         "completion_tokens_per_step": statistics.mean(kept_tok),
         "phases_s": {k: statistics.median(v[warmup:]) for k, v in phases.items()},

@@ -91,10 +91,7 @@ class Critic:
         self.model.eval()
         parts = [
             self.model(mb.input_ids, mb.attention_mask, mb.completion_length)
-            for mb in (
-                batch.rows(slice(s, s + micro_size))
-                for s in range(0, batch.num_completions, micro_size)
-            )
+            for mb in batch.micro_batches(micro_size)
         ]
         return torch.cat(parts)  # [N, T]
 
@@ -104,8 +101,7 @@ class Critic:
         norm = Normaliser.from_mask(mini.completion_mask, mini.completion_length)
         self.optimizer.zero_grad(set_to_none=True)
         loss, clipped = 0.0, 0.0
-        for start in range(0, mini.num_completions, micro_size):
-            mb = mini.rows(slice(start, start + micro_size))
+        for mb in mini.micro_batches(micro_size):
             values = self.model(mb.input_ids, mb.attention_mask, mb.completion_length)  # [n, T]
             out = value_loss(
                 values,

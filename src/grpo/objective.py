@@ -82,8 +82,7 @@ def rollout_to_batch(rollout: Rollout) -> Batch:
 def batched_logp(model, batch: Batch, micro_size: int, temperature: float) -> torch.Tensor:
     """Log-probs of the batch's completions under ``model``, micro-batch by micro-batch."""
     parts = []
-    for start in range(0, batch.num_completions, micro_size):
-        mb = batch.rows(slice(start, start + micro_size))
+    for mb in batch.micro_batches(micro_size):
         logp, _ = completion_logp(
             model, mb.input_ids, mb.attention_mask, mb.completion_length, temperature=temperature
         )

@@ -241,8 +241,7 @@ class GRPOTrainer:
         micro = per_mini // cfg.optim.gradient_accumulation_steps
         updates = []
         for _ in range(alg.num_iterations):
-            for start in range(0, batch.num_completions, per_mini):
-                mini = batch.rows(slice(start, start + per_mini))
+            for mini in batch.micro_batches(per_mini):
                 update = self._optimizer_step(mini, micro)
                 if self.critic is not None:
                     update.update(self.critic.update(mini, micro, alg.value_clip))
@@ -377,8 +376,7 @@ class GRPOTrainer:
         norm = Normaliser.from_mask(mini.completion_mask, cfg.rollout.max_completion_length)
         self.optimizer.zero_grad(set_to_none=True)
         parts, weights, loss = [], [], 0.0
-        for start in range(0, mini.num_completions, micro):
-            mb = mini.rows(slice(start, start + micro))
+        for mb in mini.micro_batches(micro):
             out = policy_loss(self.model, mb, cfg, norm)
             out.loss.backward()
             loss += out.loss.item()

@@ -15,6 +15,7 @@ never filled with a sentinel value that later code must remember to skip.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,11 @@ class Batch:
     @property
     def completion_length(self) -> int:
         return self.completion_mask.shape[1]
+
+    def micro_batches(self, size: int) -> Iterator[Batch]:
+        """Consecutive sub-batches of ``size`` completion rows (the last may be smaller)."""
+        for start in range(0, self.num_completions, size):
+            yield self.rows(slice(start, start + size))
 
     def rows(self, index: torch.Tensor | slice) -> Batch:
         """The sub-batch of the given completion rows (a mini- or micro-batch)."""
