@@ -118,7 +118,12 @@ def run_ours(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
         phases["generation"].append(m["time/generation"])
         phases["scoring_and_reference"].append(m["time/scoring_and_reference"])
         phases["update"].append(m["time/update"])
-        print(f"ours step {i}: {step_s[-1]:.3f}s, {COMPLETION_TOKENS[-1]} tokens", file=sys.stderr)
+        split = " / ".join(f"{v[-1]:.2f}" for v in phases.values())
+        print(
+            f"ours step {i}: {step_s[-1]:.3f}s ({split} gen/ref/update), "
+            f"{COMPLETION_TOKENS[-1]} tokens",
+            file=sys.stderr,
+        )
     return {
         **summarise(step_s, COMPLETION_TOKENS, phases, args.warmup),
         "peak_rss_mb": peak_rss_mb(),
