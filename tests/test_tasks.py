@@ -237,9 +237,11 @@ def test_subtraction_steps_follow_the_written_borrow():
 @pytest.mark.parametrize(
     ("completion", "expected_scores"),
     [
-        ("", []),
-        ("garbage", [0.0]),
-        ("\n\n\n", []),
+        # no answer line: one more step, the missing answer, scored 0
+        ("", [0.0]),
+        ("garbage", [0.0, 0.0]),
+        ("\n\n\n", [0.0]),
+        ("7+5+0=12\n4+8+1=13\n", [1.0, 1.0, 0.0]),
         ("A:132", [1.0]),  # the answer alone: right outcome, no scratchpad steps
         ("7+5+0=12\n4+8+1=13\n0+0+1=01\nA:132", [1.0, 1.0, 0.0, 1.0]),  # extra column line
         ("7+5+0=12\n4+8+1=13\nA:132\nmore\nA:132", [1.0, 1.0, 1.0, 0.0, 0.0]),
@@ -251,7 +253,10 @@ def test_malformed_completions_give_sensible_steps(completion, expected_scores):
     scores, ends = step_rewards(ADD["prompt"], completion, ADD)
     assert scores == expected_scores
     assert len(ends) == len(scores)
-    assert all(0 <= e < len(completion) and not completion[e].isspace() for e in ends)
+    if completion.strip():
+        assert all(0 <= e < len(completion) and not completion[e].isspace() for e in ends)
+    else:  # nothing visible: the missing answer step sits on the first token (EOS)
+        assert ends == [0]
 
 
 def test_task_exposes_its_verifiers():

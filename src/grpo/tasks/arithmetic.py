@@ -197,7 +197,12 @@ def step_rewards(prompt: str, completion: str, problem: dict) -> tuple[list[floa
     scores 1 when it is exactly the right line for that column *given the carry the
     previous line wrote* (the true carry if that line was unreadable), so a single
     mistake scores 0 at that line only. The first ``A:`` line scores 1 when its answer is
-    right. Extra lines (beyond the columns, or anything after the answer) score 0.
+    right. Extra lines (beyond the columns, or anything after the answer) score 0. A
+    completion without an ``A:`` line gets one more step, its missing answer, scored 0
+    and ending at the completion's last visible character (0 when it has none):
+    otherwise stopping before the answer would dodge every penalty the answer could
+    earn, and process-supervised RL learns exactly that (measured: held-out accuracy
+    fell from 57% to 24% in 250 steps before this rule).
 
     Args:
         prompt: unused; present so every step verifier has the same signature.
@@ -212,6 +217,8 @@ def step_rewards(prompt: str, completion: str, problem: dict) -> tuple[list[floa
     >>> problem = {"a": 47, "b": 85, "op": "+", "answer": "132"}
     >>> step_rewards("47+85=", "7+5+0=12\\n4+8+0=12\\nA:122", problem)
     ([1.0, 0.0, 0.0], [7, 16, 22])
+    >>> step_rewards("47+85=", "7+5+0=12", problem)  # stops before the answer
+    ([1.0, 0.0], [7, 7])
     """
     a, b, op = problem["a"], problem["b"], problem["op"]
     expected_answer = _as_int(problem["answer"])
@@ -235,7 +242,11 @@ def step_rewards(prompt: str, completion: str, problem: dict) -> tuple[list[floa
             carry = true_carry if written is None else written
         else:
             scores.append(0.0)
-    return scores, [end for _, end in steps]
+    ends = [end for _, end in steps]
+    if not answered:
+        scores.append(0.0)
+        ends.append(max(len(_completion_text(completion).rstrip()) - 1, 0))
+    return scores, ends
 
 
 # ---------------------------------------------------------------- the task
