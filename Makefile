@@ -27,9 +27,16 @@ test: lint
 demo: $(STAMP)
 	$(VENV)/bin/grpo demo --output-dir runs/demo
 
-bench: $(STAMP)
-	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) bench/vs_trl.py --config tiny
+# TRL lives in its own venv so it can never move the project's packages
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed-stamp: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/python -m pip install -q -e ".[bench]"
+	touch $@
+
+bench: $(BENCH_VENV)/.installed-stamp
+	$(BENCH_VENV)/bin/python bench/vs_trl.py --config tiny
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) runs build *.egg-info src/*.egg-info

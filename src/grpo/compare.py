@@ -105,7 +105,7 @@ def write_report(results: dict[str, dict], output_dir: Path) -> Path:
             f"| {r['s_per_step']:.3f} ({r['s_generation']:.3f} / "
             f"{r['s_scoring_and_reference']:.3f} / {r['s_update']:.3f}) "
             f"| {r['peak_rss_mb']:.0f} ({r['training_rss_mb']:.0f}) "
-            f"| {r['model_and_optimizer_bytes'] / 2**20:.1f} | {r['trained_parameters']:,} |"
+            f"| {r['model_and_optimizer_bytes'] / 2**20:.1f} | {int(r['trained_parameters']):,} |"
         )
     md = output_dir / "compare.md"
     md.write_text("# grpo compare\n\n" + head + "\n".join(lines) + "\n\n![curves](compare.png)\n")
