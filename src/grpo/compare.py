@@ -83,7 +83,8 @@ def write_report(results: dict[str, dict], output_dir: Path) -> Path:
     rew_ax.set(title="mean training reward (moving average)", xlabel="step")
     for ax in (acc_ax, rew_ax):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(output_dir / "compare.png", dpi=100)
     plt.close(fig)
