@@ -11,6 +11,8 @@ T completion tokens (right-padded), V vocabulary.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -104,9 +106,74 @@ def completion_logp(
         use_cache=False,
     ).logits  # [N, T + 1, V]
     logits = logits[:, :-1]  # [N, T, V]: the logit at position t scores completion token t
-    logp = token_logp(logits, input_ids[:, -completion_length:], temperature)  # [N, T]
+    return _score_completion(logits, input_ids[:, -completion_length:], temperature, with_entropy)
+
+
+def _score_completion(
+    logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    logp = token_logp(logits, targets, temperature)  # [N, T]
     entropy = None
     if with_entropy:
         with torch.no_grad():
             entropy = token_entropy(logits, temperature)  # [N, T]
     return logp, entropy
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The forward argument that takes a KV cache: transformers 5 calls it ``cache``
+    (``past_key_values`` is deprecated); older or remote-code models use the old name."""
+    names = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def shared_prefix_logp(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_length: int,
+    group_ids: Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """``completion_logp`` with each group's prompt run once, not once per completion.
+
+    The G completions of a group share their prompt, and under a causal mask the prompt's
+    keys and values do not depend on what follows, so the prompt is run once per group
+    (``[b, P]``), its KV cache is repeated to the group's rows, and only the completions
+    (``[n, T]``) are run on top (Prefix Grouper, arXiv 2506.05433). Gradients flow back
+    through the repeated cache into the one prompt pass, so log-probs and gradients equal
+    ``completion_logp``'s up to float rounding, at the cost of ``b * P + n * T`` tokens
+    instead of ``n * (P + T)``.
+
+    Args:
+        input_ids, attention_mask, completion_length, temperature, with_entropy: as in
+            ``completion_logp``; rows of one group must be contiguous.
+        group_ids: ``[n]`` which prompt each row answers (equal ids share a prompt).
+    """
+    t = completion_length
+    p = input_ids.shape[1] - t
+    _, counts = torch.unique_consecutive(group_ids, return_counts=True)  # [b]
+    first = torch.cumsum(counts, 0) - counts  # [b] first row of each group
+    row_group = torch.repeat_interleave(torch.arange(len(counts)), counts)  # [n]
+    prompt_mask = attention_mask[first, :p]  # [b, P]
+    out = model(
+        input_ids=input_ids[first, :p],
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0),
+        logits_to_keep=1,
+        use_cache=True,
+    )
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache.reorder_cache(row_group)  # [b, ...] -> [n, ...], differentiable
+    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [n, P + T]
+    completion_logits = model(
+        input_ids=input_ids[:, p:],
+        attention_mask=attention_mask,
+        position_ids=positions[:, p:],
+        use_cache=True,
+        **{cache_argument(model): cache},
+    ).logits  # [n, T, V]
+    # the prompt's last position scores completion token 0; completion position t, token t+1
+    logits = torch.cat([out.logits[row_group, -1:], completion_logits[:, :-1]], dim=1)  # [n, T, V]
+    return _score_completion(logits, input_ids[:, p:], temperature, with_entropy)

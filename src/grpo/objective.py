@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from grpo.config import Config
-from grpo.logprobs import completion_logp
+from grpo.logprobs import completion_logp, shared_prefix_logp
 from grpo.losses import Normaliser, aggregate, clipped_surrogate, kl_divergence
 from grpo.metrics import masked_mean
 from grpo.ppo import unclipped_surrogate
@@ -28,13 +28,12 @@ def policy_loss(model, batch: Batch, cfg: Config, norm: Normaliser) -> LossOutpu
     """
     alg = cfg.algorithm
     mask = batch.completion_mask  # [n, T]
-    logp, entropy = completion_logp(
+    logp, entropy = batch_logp(
         model,
-        batch.input_ids,
-        batch.attention_mask,
-        batch.completion_length,
-        temperature=cfg.rollout.temperature,
+        batch,
+        cfg.rollout.temperature,
         with_entropy=True,
+        share_prompt=cfg.optim.share_prompt,
     )  # [n, T]
     old_logp = logp.detach() if batch.old_logp is None else batch.old_logp  # [n, T]
     log_ratio = logp - old_logp  # [n, T]
@@ -75,16 +74,28 @@ def rollout_to_batch(rollout: Rollout) -> Batch:
         attention_mask=torch.cat([prompt_mask.long(), mask.long()], dim=1),  # [N, P + T]
         completion_mask=mask,
         advantages=torch.zeros_like(mask),  # [N, T]
+        group_ids=torch.arange(rollout.num_prompts).repeat_interleave(g),  # [N]
     )
 
 
+def batch_logp(
+    model, batch: Batch, temperature: float, with_entropy: bool = False, share_prompt: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of ``batch``'s completions: each group's prompt run once
+    when ``share_prompt`` (same numbers, fewer FLOPs), else prompt + completion per row."""
+    args = (model, batch.input_ids, batch.attention_mask, batch.completion_length)
+    if share_prompt and batch.group_ids is not None:
+        return shared_prefix_logp(*args, batch.group_ids, temperature, with_entropy)
+    return completion_logp(*args, temperature=temperature, with_entropy=with_entropy)
+
+
 @torch.no_grad()
-def batched_logp(model, batch: Batch, micro_size: int, temperature: float) -> torch.Tensor:
+def batched_logp(
+    model, batch: Batch, micro_size: int, temperature: float, share_prompt: bool = True
+) -> torch.Tensor:
     """Log-probs of the batch's completions under ``model``, micro-batch by micro-batch."""
-    parts = []
-    for mb in batch.micro_batches(micro_size):
-        logp, _ = completion_logp(
-            model, mb.input_ids, mb.attention_mask, mb.completion_length, temperature=temperature
-        )
-        parts.append(logp)
+    parts = [
+        batch_logp(model, mb, temperature, share_prompt=share_prompt)[0]
+        for mb in batch.micro_batches(micro_size)
+    ]
     return torch.cat(parts)  # [N, T]

@@ -80,6 +80,7 @@ class Batch:
     advantages: torch.Tensor  # [N, T] per-token advantage
     old_logp: torch.Tensor | None = None  # [N, T] policy log-probs at sampling time (mu > 1)
     ref_logp: torch.Tensor | None = None  # [N, T] reference-model log-probs (beta > 0)
+    group_ids: torch.Tensor | None = None  # [N] which prompt each row answers (contiguous)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-algorithm [N, T] terms
 
     @property
@@ -108,6 +109,7 @@ class Batch:
             advantages=self.advantages[index],
             old_logp=take(self.old_logp),
             ref_logp=take(self.ref_logp),
+            group_ids=take(self.group_ids),
             extras={k: v[index] for k, v in self.extras.items()},
         )
 

@@ -1,0 +1,65 @@
+"""The prompt run once per group (Prefix Grouper) gives the plain path's numbers."""
+
+import pytest
+import torch
+
+from grpo.logprobs import completion_logp, shared_prefix_logp
+from grpo.modeling import build_char_tokenizer, build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    tok = build_char_tokenizer()
+    m = build_tiny_model(tok, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+    return m.train()  # gradients as in training (no dropout in these models)
+
+
+def grouped_batch(b=3, g=4, p=7, t=5):
+    """b groups of g rows: a shared, differently left-padded prompt; uneven completions."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 90, (b * g, p + t), generator=gen)  # [N, P + T]
+    mask = torch.ones(b * g, p + t, dtype=torch.long)  # [N, P + T]
+    for k in range(b):
+        rows = slice(k * g, (k + 1) * g)
+        ids[rows, :p] = ids[k * g, :p]  # one prompt per group
+        mask[rows, :k] = 0  # group k's prompt has k pad tokens on the left
+    mask[1, -2:] = 0  # two completions shorter than T (right padding)
+    mask[5, -1:] = 0
+    return ids, mask, torch.arange(b).repeat_interleave(g), t
+
+
+def run(fn, model, *args):
+    model.zero_grad()
+    logp, entropy = fn(model, *args)
+    ids, mask = args[0], args[1]
+    t = args[2]
+    weights = torch.linspace(-1, 1, ids.shape[0])[:, None] * mask[:, -t:]  # [N, T]
+    (logp * weights).sum().backward()
+    return logp, entropy, [p.grad.clone() for p in model.parameters()]
+
+
+def test_same_logp_entropy_and_gradients(model):
+    ids, mask, groups, t = grouped_batch()
+    plain = run(completion_logp, model, ids, mask, t, 0.7, True)
+    shared = run(
+        lambda m, *a: shared_prefix_logp(m, a[0], a[1], a[2], groups, 0.7, True),
+        model,
+        ids,
+        mask,
+        t,
+    )
+    real = mask[:, -t:].bool()  # padded completion positions hold values the mask removes
+    torch.testing.assert_close(shared[0][real], plain[0][real])
+    torch.testing.assert_close(shared[1][real], plain[1][real])
+    for a, b in zip(shared[2], plain[2], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_groups_of_one_and_a_partial_group(model):
+    """A micro-batch may hold a group's tail: each run of equal ids is one prompt."""
+    ids, mask, groups, t = grouped_batch()
+    rows = slice(2, 9)  # the last 2 rows of group 0, all of group 1, 1 row of group 2
+    plain, _ = completion_logp(model, ids[rows], mask[rows], t)
+    shared, _ = shared_prefix_logp(model, ids[rows], mask[rows], t, groups[rows])
+    real = mask[rows, -t:].bool()
+    torch.testing.assert_close(shared[real], plain[real])
