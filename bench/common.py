@@ -11,6 +11,10 @@ embedding* (the tied output head is counted: it is a real ``[d, V]`` matmul per 
 * ``2 * N`` per token the reference model scores (prompt + completion, no padding),
 * ``6 * N`` per token the policy trains on (forward + backward, prompt + completion).
 
+A prompt counts once per group, not once per completion: its G copies are the same
+tokens, so the unique work is ``B * P + N * T`` tokens. A trainer that runs the prompt G
+times (TRL) does more than this useful work, one that shares it (ours) does not.
+
 Attention's sequence-length term is left out, as in the usual ``6 * N * tokens`` rule; it
 is small next to ``N`` at these lengths (at 320 tokens it adds under 10% for d=512).
 """
@@ -206,11 +210,11 @@ def useful_flops(
     n_params: int,
     prompt_tokens: int,
     completion_tokens: int,
-    num_completions: int,
+    num_prompts: int,
     with_reference: bool,
 ) -> float:
     """Useful FLOPs of one step (see the module docstring); prompts all ``prompt_tokens`` long."""
-    sequence_tokens = num_completions * prompt_tokens + completion_tokens
+    sequence_tokens = num_prompts * prompt_tokens + completion_tokens
     flops = 2 * n_params * completion_tokens + 6 * n_params * sequence_tokens
     if with_reference:
         flops += 2 * n_params * sequence_tokens

@@ -281,9 +281,12 @@ def _add_flops(result: dict, w: Workload, setup: dict, warmup: int) -> None:
     over measured steps of useful FLOP/s divided by the matmul peak."""
 
     def flops(tokens: int) -> float:
-        n = w.prompts_per_step * w.num_generations
         return useful_flops(
-            setup["params_non_embedding"], setup["prompt_tokens"], tokens, n, w.beta > 0
+            setup["params_non_embedding"],
+            setup["prompt_tokens"],
+            tokens,
+            w.prompts_per_step,
+            w.beta > 0,
         )
 
     steps = list(zip(result["all_tokens"], result["all_step_s"], strict=True))[warmup:]
