@@ -87,15 +87,19 @@ def print_table(results: dict[str, dict]) -> None:
     console.print(table)
 
 
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The optional YAML file and the key=value overrides (a first word with '=' is one)."""
+    if args.config and "=" in args.config:  # no file given, only overrides
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from grpo.config import load_config
     from grpo.evaluation import periodic_task_eval
     from grpo.trainer import GRPOTrainer
 
-    config, overrides = args.config, list(args.overrides)
-    if config and "=" in config:  # no file given, only overrides
-        config, overrides = None, [config, *overrides]
-    cfg = load_config(config, overrides)
+    cfg = load_config(*_config_and_overrides(args))
     trainer = GRPOTrainer(cfg, eval_fn=periodic_task_eval(cfg))
     if args.resume is not None:
         step = trainer.resume(args.resume or None)
@@ -117,9 +121,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from grpo.compare import compare
 
-    config, overrides = args.config, list(args.overrides)
-    if config and "=" in config:
-        config, overrides = None, [config, *overrides]
+    config, overrides = _config_and_overrides(args)
     arms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     out = Path(args.output_dir)
     results = compare(config, overrides, arms, out)
