@@ -123,9 +123,15 @@ def sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     Returns:
         ``[N, 1]`` ratios (1 for a completion with no real token).
     """
+    return torch.exp(sequence_log_ratio(logp, old_logp, mask))  # [N, 1]
+
+
+def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """``[N, 1]`` log of ``sequence_ratio``: the mean token log-ratio of each completion
+    (0 for a completion with no real token; padding never enters, even if it is NaN)."""
     m = mask.bool()  # [N, T]
-    log_ratio = torch.where(m, logp - old_logp, 0.0).sum(dim=1, keepdim=True)  # [N, 1]
-    return torch.exp(log_ratio / m.sum(dim=1, keepdim=True).clamp(min=1))  # [N, 1]
+    total = torch.where(m, logp - old_logp, 0.0).sum(dim=1, keepdim=True)  # [N, 1]
+    return total / m.sum(dim=1, keepdim=True).clamp(min=1)  # [N, 1]
 
 
 @dataclass(frozen=True)

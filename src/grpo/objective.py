@@ -12,7 +12,13 @@ import torch
 
 from grpo.config import Config
 from grpo.logprobs import completion_logp, shared_prefix_logp
-from grpo.losses import Normaliser, aggregate, clipped_surrogate, kl_divergence
+from grpo.losses import (
+    Normaliser,
+    aggregate,
+    clipped_surrogate,
+    kl_divergence,
+    sequence_log_ratio,
+)
 from grpo.metrics import masked_mean
 from grpo.ppo import unclipped_surrogate
 from grpo.types import Batch, LossOutput, Rollout
@@ -38,10 +44,7 @@ def policy_loss(model, batch: Batch, cfg: Config, norm: Normaliser) -> LossOutpu
     old_logp = logp.detach() if batch.old_logp is None else batch.old_logp  # [n, T]
     log_ratio = logp - old_logp  # [n, T]
     if alg.importance_sampling_level == "sequence":
-        seq = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(
-            min=1
-        )
-        log_ratio = seq.expand_as(logp)  # [n, T] one ratio per completion
+        log_ratio = sequence_log_ratio(logp, old_logp, mask).expand_as(logp)  # [n, T] one per row
     zeros = torch.zeros_like(log_ratio)  # [n, T]: ratio = exp(log_ratio - 0)
     metrics = {"entropy": masked_mean(entropy, mask)}
     if alg.clipped:
