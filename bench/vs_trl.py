@@ -264,7 +264,8 @@ def _child(side: str, setup_file: Path, args: argparse.Namespace) -> dict:
         side,
         "--setup",
         str(setup_file),
-        *("--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup)),
+        *(["--config", args.config] if args.config in WORKLOADS else []),
+        *("--steps", str(args.steps), "--warmup", str(args.warmup)),
         *("--threads", str(args.threads), "--seed", str(args.seed), "--workdir", args.workdir),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -317,33 +318,16 @@ def _print_table(w: Workload, setup: dict, results: dict[str, dict]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=sorted(WORKLOADS), default="tiny")
-    parser.add_argument("--steps", type=int, default=None, help="measured steps per side")
-    parser.add_argument("--warmup", type=int, default=None, help="steps left out of the median")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per side")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", default=None, help="model, prompts, outputs (default: tmp)")
-    parser.add_argument("--sides", choices=["both", "ours", "trl"], default="both")
-    parser.add_argument("--trl-python", default=None, help="interpreter for the TRL side")
-    parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--setup", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    w = WORKLOADS[args.config]
-    args.steps = w.steps if args.steps is None else args.steps
-    args.warmup = w.warmup if args.warmup is None else args.warmup
-
-    if args.child:
-        setup = json.loads(Path(args.setup).read_text())
-        result = (run_ours if args.child == "ours" else run_trl)(w, setup, args)
-        print(RESULT_MARKER + json.dumps(result), flush=True)
-        return
-
+def compare(w: Workload, args: argparse.Namespace) -> dict:
+    """Run one workload on the requested sides (each in its own child process), print the
+    table and return the summary. ``args`` carries ``steps``, ``warmup``, ``threads``,
+    ``seed``, ``workdir`` (None: a new temporary directory), ``sides`` and ``trl_python``;
+    a workload that is not one of ``WORKLOADS`` reaches the children through the setup
+    file."""
     args.workdir = args.workdir or tempfile.mkdtemp(prefix=f"bench-{w.name}-")
     setup = prepare_workdir(w, Path(args.workdir), args.seed)
     setup_file = Path(args.workdir) / "setup.json"
-    setup_file.write_text(json.dumps(setup))
+    setup_file.write_text(json.dumps({**setup, "workload": workload_dict(w)}))
     sides = ["ours", "trl"] if args.sides == "both" else [args.sides]
     results = {}
     for side in sides:
@@ -379,10 +363,39 @@ def main(argv: list[str] | None = None) -> None:
     summary |= {
         "params_total": setup["params_total"],
         "params_flops": setup["params_non_embedding"],
+        "prompt_tokens": setup["prompt_tokens"],
         "threads": args.threads,
         "workload": workload_dict(w),
     }
-    print(json.dumps(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(WORKLOADS), default="tiny")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per side")
+    parser.add_argument("--warmup", type=int, default=None, help="steps left out of the median")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per side")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=None, help="model, prompts, outputs (default: tmp)")
+    parser.add_argument("--sides", choices=["both", "ours", "trl"], default="both")
+    parser.add_argument("--trl-python", default=None, help="interpreter for the TRL side")
+    parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--setup", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        setup = json.loads(Path(args.setup).read_text())
+        # A workload built from parameters (bench/scaling.py) travels in the setup file.
+        w = Workload(**setup["workload"]) if "workload" in setup else WORKLOADS[args.config]
+        result = (run_ours if args.child == "ours" else run_trl)(w, setup, args)
+        print(RESULT_MARKER + json.dumps(result), flush=True)
+        return
+
+    w = WORKLOADS[args.config]
+    args.steps = w.steps if args.steps is None else args.steps
+    args.warmup = w.warmup if args.warmup is None else args.warmup
+    print(json.dumps(compare(w, args)))
 
 
 if __name__ == "__main__":

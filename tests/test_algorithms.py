@@ -147,3 +147,22 @@ def test_batch_rows_keep_extras():
         extras={"returns": torch.arange(8.0).view(4, 2)},
     )
     assert b.rows(slice(2, 4)).extras["returns"].tolist() == [[4.0, 5.0], [6.0, 7.0]]
+
+
+def test_dynamic_sampling_with_few_groups_still_splits_into_whole_groups(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """With one informative group of two, two mini-batches of two micro-batches each."""
+    import grpo.trainer as trainer_mod
+
+    extra = ("algorithm.dynamic_sampling=true", "algorithm.max_refills=0")
+    extra += ("optim.num_minibatches=2", "optim.gradient_accumulation_steps=2")
+    t = GRPOTrainer(make_cfg(tiny_model_dir, tmp_path, *extra), reward_functions=[distinct_chars])
+    monkeypatch.setattr(
+        trainer_mod,
+        "informative_groups",
+        lambda rewards: informative_groups(rewards) & (torch.arange(rewards.shape[0]) == 0),
+    )
+    metrics = t.train_step()
+    assert metrics["dynamic_sampling/groups_kept"] == 1
+    assert torch.isfinite(torch.tensor(metrics["loss"]))

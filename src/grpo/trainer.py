@@ -238,8 +238,10 @@ class GRPOTrainer:
 
         # 5. mu passes x mini-batches of whole groups: logp, loss, backward, step
         self.model.train()
-        per_mini = batch.num_completions // cfg.optim.num_minibatches
-        micro = per_mini // cfg.optim.gradient_accumulation_steps
+        # whole groups per mini-batch (dynamic sampling may leave fewer than B groups)
+        groups = -(-scored.num_groups // cfg.optim.num_minibatches)
+        per_mini = groups * rollout.group_size
+        micro = -(-per_mini // cfg.optim.gradient_accumulation_steps)
         updates = []
         for _ in range(alg.num_iterations):
             for mini in batch.micro_batches(per_mini):
