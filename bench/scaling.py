@@ -95,8 +95,8 @@ def row(summary: dict) -> dict:
             "utilisation": summary[f"{side}_utilisation"],
         }
         # Tokens per step: unique (each prompt once per group) and as G full sequences.
-        out["unique_tokens_per_step"] = b * p + t
-        out["repeated_tokens_per_step"] = b * g * p + t
+        out[side]["unique_tokens_per_step"] = b * p + t
+        out[side]["repeated_tokens_per_step"] = b * g * p + t
     return out
 
 
@@ -105,6 +105,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, axs = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (axis, (field, label, values)) in zip(axs, AXES.items(), strict=True):
@@ -117,6 +118,9 @@ def plot(results: dict, path: Path) -> None:
                 ax.plot(xs, ys, style, label="ours" if side == "ours" else "TRL 1.16")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xticks(values)
         ax.set_xticklabels([str(v) for v in values])
         ax.set_xlabel(label)
@@ -140,7 +144,8 @@ def _on_axis(r: dict, field: str) -> bool:
 def markdown_table(results: dict) -> str:
     lines = [
         "| axis | B x G | prompt | max compl. | compl. tok/step (ours / TRL) "
-        "| unique tok/step | G x prompt + compl. | ours s/step | TRL s/step | TRL / ours |",
+        "| unique tok/step (ours) | B x G x prompt + compl. "
+        "| ours s/step | TRL s/step | TRL / ours |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for axis, (field, _, values) in AXES.items():
@@ -157,7 +162,7 @@ def markdown_table(results: dict) -> str:
                 f"| {r['prompt_tokens']} | {r['max_completion_length']} "
                 f"| {ours['completion_tokens_per_step']:.0f} / "
                 f"{trl['completion_tokens_per_step']:.0f} "
-                f"| {r['unique_tokens_per_step']:.0f} | {r['repeated_tokens_per_step']:.0f} "
+                f"| {ours['unique_tokens_per_step']:.0f} | {ours['repeated_tokens_per_step']:.0f} "
                 f"| {ours['s_per_step']:.2f} | {trl['s_per_step']:.2f} "
                 f"| {trl['s_per_step'] / ours['s_per_step']:.2f}x |"
             )
