@@ -175,6 +175,10 @@ class OptimConfig(_Section):
     """Run each group's prompt once in the policy, old-policy and reference passes and
     share its keys and values with the G completions (Prefix Grouper, arXiv 2506.05433):
     the same log-probs and gradients for ``B*P + N*T`` tokens instead of ``N*(P+T)``."""
+    bucket_by_length: bool = True
+    """Run completions of similar length together, each set trimmed to its longest, so
+    padding is not computed (same numbers; split only where it removes >= 10% of the
+    padded positions)."""
 
 
 class RunConfig(_Section):

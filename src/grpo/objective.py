@@ -40,6 +40,7 @@ def policy_loss(model, batch: Batch, cfg: Config, norm: Normaliser) -> LossOutpu
         cfg.rollout.temperature,
         with_entropy=True,
         share_prompt=cfg.optim.share_prompt,
+        bucket=cfg.optim.bucket_by_length,
     )  # [n, T]
     old_logp = logp.detach() if batch.old_logp is None else batch.old_logp  # [n, T]
     log_ratio = logp - old_logp  # [n, T]
@@ -81,24 +82,89 @@ def rollout_to_batch(rollout: Rollout) -> Batch:
     )
 
 
+def length_buckets(lengths: torch.Tensor, max_buckets: int = 4, min_gain: float = 0.1) -> list:
+    """Split rows into at most ``max_buckets`` sets of similar length, to cut padding.
+
+    Rows are sorted by length and cut into 1, 2, 4, ... equal-count chunks while each
+    doubling removes at least ``min_gain`` of the padded positions still computed (each
+    extra chunk is one more forward call). Within a chunk rows keep their batch order, so
+    a group's rows stay contiguous for prompt sharing.
+
+    Args:
+        lengths: ``[n]`` real tokens of each completion.
+
+    Returns:
+        ``[n_c]`` row-index tensors, one per chunk.
+
+    >>> [c.tolist() for c in length_buckets(torch.tensor([64, 10, 12, 64, 11, 64, 9, 64]))]
+    [[1, 2, 4, 6], [0, 3, 5, 7]]
+    """
+    order = torch.argsort(lengths, stable=True)  # [n]
+    best, best_cost = [order], len(order) * int(lengths.max())
+    k = 2
+    while k <= min(max_buckets, len(order)):
+        chunks = [c for c in order.tensor_split(k) if len(c)]
+        cost = sum(len(c) * int(lengths[c].max()) for c in chunks)
+        if cost > (1 - min_gain) * best_cost:
+            break
+        best, best_cost, k = chunks, cost, 2 * k
+    return [c.sort().values for c in best]
+
+
 def batch_logp(
-    model, batch: Batch, temperature: float, with_entropy: bool = False, share_prompt: bool = True
+    model,
+    batch: Batch,
+    temperature: float,
+    with_entropy: bool = False,
+    share_prompt: bool = True,
+    bucket: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (and entropies) of ``batch``'s completions: each group's prompt run once
-    when ``share_prompt`` (same numbers, fewer FLOPs), else prompt + completion per row."""
-    args = (model, batch.input_ids, batch.attention_mask, batch.completion_length)
-    if share_prompt and batch.group_ids is not None:
-        return shared_prefix_logp(*args, batch.group_ids, temperature, with_entropy)
-    return completion_logp(*args, temperature=temperature, with_entropy=with_entropy)
+    """Log-probs (and entropies) ``[n, T]`` of ``batch``'s completions.
+
+    ``share_prompt``: each group's prompt runs once (same numbers, fewer FLOPs).
+    ``bucket``: rows of similar length run together, each set trimmed to its longest
+    completion, so padding costs nothing (same numbers; positions past a row's end hold 0).
+    """
+    lengths = batch.completion_mask.sum(dim=1).long()  # [n]
+    chunks = length_buckets(lengths) if bucket and batch.num_completions > 1 else []
+    if len(chunks) <= 1:
+        args = (model, batch.input_ids, batch.attention_mask, batch.completion_length)
+        if share_prompt and batch.group_ids is not None:
+            return shared_prefix_logp(*args, batch.group_ids, temperature, with_entropy)
+        return completion_logp(*args, temperature=temperature, with_entropy=with_entropy)
+    t, p = batch.completion_length, batch.input_ids.shape[1] - batch.completion_length
+    logp_parts, entropy_parts = [], []
+    for rows in chunks:
+        width = max(1, int(lengths[rows].max()))
+        sub = batch.rows(rows)
+        sub.input_ids, sub.attention_mask = (
+            sub.input_ids[:, : p + width],
+            sub.attention_mask[:, : p + width],
+        )
+        sub.completion_mask = sub.completion_mask[:, :width]
+        logp, entropy = batch_logp(
+            model, sub, temperature, with_entropy, share_prompt, bucket=False
+        )
+        logp_parts.append(torch.nn.functional.pad(logp, (0, t - width)))  # [n_c, T]
+        if entropy is not None:
+            entropy_parts.append(torch.nn.functional.pad(entropy, (0, t - width)))
+    inverse = torch.argsort(torch.cat(chunks))  # [n]: back to batch order
+    entropy = torch.cat(entropy_parts)[inverse] if with_entropy else None
+    return torch.cat(logp_parts)[inverse], entropy
 
 
 @torch.no_grad()
 def batched_logp(
-    model, batch: Batch, micro_size: int, temperature: float, share_prompt: bool = True
+    model,
+    batch: Batch,
+    micro_size: int,
+    temperature: float,
+    share_prompt: bool = True,
+    bucket: bool = True,
 ) -> torch.Tensor:
     """Log-probs of the batch's completions under ``model``, micro-batch by micro-batch."""
     parts = [
-        batch_logp(model, mb, temperature, share_prompt=share_prompt)[0]
+        batch_logp(model, mb, temperature, share_prompt=share_prompt, bucket=bucket)[0]
         for mb in batch.micro_batches(micro_size)
     ]
     return torch.cat(parts)  # [N, T]

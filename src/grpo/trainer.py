@@ -228,11 +228,11 @@ class GRPOTrainer:
         # 4. advantages, after the log-probs the estimator needs
         batch = rollout_to_batch(rollout)
         micro = self._micro_size()
-        temperature, share = cfg.rollout.temperature, cfg.optim.share_prompt
+        fast = (cfg.rollout.temperature, cfg.optim.share_prompt, cfg.optim.bucket_by_length)
         if cfg.needs_old_logp:
-            batch.old_logp = batched_logp(self.model, batch, micro, temperature, share)
+            batch.old_logp = batched_logp(self.model, batch, micro, *fast)
         if self.ref_model is not None:
-            batch.ref_logp = batched_logp(self.ref_model, batch, micro, temperature, share)
+            batch.ref_logp = batched_logp(self.ref_model, batch, micro, *fast)
         fill_advantages(batch, scored, cfg, self.tokenizer, self.step_source, self.critic, micro)
         t_ref = time.perf_counter()
 
