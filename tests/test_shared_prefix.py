@@ -77,8 +77,9 @@ def test_length_buckets_give_the_same_numbers(model, share_prompt):
     mask[7, -7:] = 0
     batch = Batch(ids, mask, mask[:, -t:].float(), torch.zeros(8, t), group_ids=groups)
     lengths = batch.completion_mask.sum(1).long()
-    # sorted 1 2 3 4 | 8 8 8 8: one chunk computes 8*8 = 64 positions, two 4*4 + 4*8 = 48
-    # (25% fewer: split), four 2*2 + 2*4 + 2*8 + 2*8 = 44 (8% fewer than 48: not worth it)
+    # sorted 1 2 3 4 | 8 8 8 8, each extra chunk priced 0.05 * 8 * 8 = 3.2 positions:
+    # one chunk 8*8 = 64; two 4*4 + 4*8 + 3.2 = 51.2; four 2*2 + 2*4 + 2*8 + 2*8 + 9.6 = 53.6;
+    # eight 1+2+3+4+8+8+8+8 + 22.4 = 64.4: two chunks is cheapest
     assert [c.tolist() for c in length_buckets(lengths)] == [[0, 1, 5, 7], [2, 3, 4, 6]]
     out = {}
     for bucket in (False, True):

@@ -177,8 +177,8 @@ class OptimConfig(_Section):
     the same log-probs and gradients for ``B*P + N*T`` tokens instead of ``N*(P+T)``."""
     bucket_by_length: bool = True
     """Run completions of similar length together, each set trimmed to its longest, so
-    padding is not computed (same numbers; split only where it removes >= 10% of the
-    padded positions)."""
+    little padding is computed (same numbers; split only where the saved positions pay
+    for the extra forward calls)."""
 
 
 class RunConfig(_Section):

@@ -82,13 +82,14 @@ def rollout_to_batch(rollout: Rollout) -> Batch:
     )
 
 
-def length_buckets(lengths: torch.Tensor, max_buckets: int = 4, min_gain: float = 0.1) -> list:
-    """Split rows into at most ``max_buckets`` sets of similar length, to cut padding.
+def length_buckets(lengths: torch.Tensor, max_buckets: int = 8, call_cost: float = 0.05) -> list:
+    """Split rows into sets of similar length, so a forward pass trims each set's padding.
 
-    Rows are sorted by length and cut into 1, 2, 4, ... equal-count chunks while each
-    doubling removes at least ``min_gain`` of the padded positions still computed (each
-    extra chunk is one more forward call). Within a chunk rows keep their batch order, so
-    a group's rows stay contiguous for prompt sharing.
+    Rows are sorted by length and cut into k = 1, 2, 4, ... ``max_buckets`` equal-count
+    chunks; the k chosen minimises the positions computed (each chunk is padded to its
+    longest row) plus ``call_cost * n * T`` per extra chunk, the price of one more, smaller
+    forward call. Within a chunk rows keep their batch order, so a group's rows stay
+    contiguous for prompt sharing.
 
     Args:
         lengths: ``[n]`` real tokens of each completion.
@@ -100,14 +101,14 @@ def length_buckets(lengths: torch.Tensor, max_buckets: int = 4, min_gain: float 
     [[1, 2, 4, 6], [0, 3, 5, 7]]
     """
     order = torch.argsort(lengths, stable=True)  # [n]
-    best, best_cost = [order], len(order) * int(lengths.max())
-    k = 2
+    overhead = call_cost * len(order) * int(lengths.max())
+    best, best_cost, k = [order], float(len(order) * int(lengths.max())), 2
     while k <= min(max_buckets, len(order)):
         chunks = [c for c in order.tensor_split(k) if len(c)]
-        cost = sum(len(c) * int(lengths[c].max()) for c in chunks)
-        if cost > (1 - min_gain) * best_cost:
-            break
-        best, best_cost, k = chunks, cost, 2 * k
+        cost = sum(len(c) * int(lengths[c].max()) for c in chunks) + overhead * (k - 1)
+        if cost < best_cost:
+            best, best_cost = chunks, cost
+        k *= 2
     return [c.sort().values for c in best]
 
 
@@ -123,7 +124,8 @@ def batch_logp(
 
     ``share_prompt``: each group's prompt runs once (same numbers, fewer FLOPs).
     ``bucket``: rows of similar length run together, each set trimmed to its longest
-    completion, so padding costs nothing (same numbers; positions past a row's end hold 0).
+    completion, so little padding is computed (same numbers; positions past a row's end
+    hold 0).
     """
     lengths = batch.completion_mask.sum(dim=1).long()  # [n]
     chunks = length_buckets(lengths) if bucket and batch.num_completions > 1 else []
