@@ -85,6 +85,16 @@ def test_old_logp_only_computed_when_needed(tiny_model_dir, tmp_path, monkeypatc
     t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.num_iterations=2"))
     t.train_step()
     assert calls == [t.model, t.ref_model]  # old policy once after sampling, reference once
+    # RLOO's KL in the reward takes the sampling log-probs the engine already returned...
+    calls.clear()
+    t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.name=rloo"))
+    t.train_step()
+    assert calls == [t.ref_model]
+    # ...unless top-k sampled from a truncated distribution, which is not the policy's
+    calls.clear()
+    t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.name=rloo", "rollout.top_k=5"))
+    t.train_step()
+    assert calls == [t.model, t.ref_model]
 
 
 def test_mu_and_minibatches_clip(tiny_model_dir, tmp_path):

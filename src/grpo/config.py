@@ -249,11 +249,16 @@ class Config(_Section):
 
     @property
     def needs_old_logp(self) -> bool:
-        """One optimizer step per rollout batch makes the ratio exactly 1 (old = logp.detach());
-        RLOO and PPO also need the sampling policy's log-probs for the KL in the reward."""
+        """Whether the trainer runs the policy once more right after sampling.
+
+        One optimizer step per rollout batch makes the ratio exactly 1 (old = logp.detach()).
+        RLOO and PPO need the sampling policy's log-probs for the KL in the reward, but the
+        engine already returns them, unless top-k / top-p sampled from a truncated
+        distribution that is not the policy's."""
         several_updates = self.algorithm.num_iterations > 1 or self.optim.num_minibatches > 1
         kl_in_reward = self.algorithm.name != "grpo" and self.algorithm.beta > 0
-        return several_updates or kl_in_reward
+        truncated_sampling = self.rollout.top_k > 0 or self.rollout.top_p < 1
+        return several_updates or (kl_in_reward and truncated_sampling)
 
 
 def _format_errors(err: ValidationError) -> str:

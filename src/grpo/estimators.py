@@ -132,16 +132,19 @@ def fill_advantages(
 ) -> None:
     """Set ``batch.advantages [N, T]`` (and PPO's ``returns`` / ``old_values`` extras).
 
-    ``batch.old_logp`` must hold the sampling policy's log-probs and ``batch.ref_logp``
-    the reference's wherever the estimator puts the KL in the reward (RLOO, PPO, beta > 0).
+    Where the estimator puts the KL in the reward (RLOO, PPO, beta > 0) it needs the
+    sampling policy's log-probs: ``batch.old_logp`` when the trainer computed them, else
+    the engine's ``sample_logp`` (the same distribution when sampling was not truncated by
+    top-k / top-p; ``Config.needs_old_logp`` decides); and ``batch.ref_logp``.
     """
     alg = cfg.algorithm
     mask = batch.completion_mask  # [N, T]
     g = scored.rollout.group_size
     scores = scored.rewards.flatten()  # [N]
     kl_in_reward = not alg.kl_in_loss and batch.ref_logp is not None
+    sampling_logp = scored.rollout.sample_logp if batch.old_logp is None else batch.old_logp
     if alg.name == "ppo":
-        logp = batch.old_logp if kl_in_reward else torch.zeros_like(mask)
+        logp = sampling_logp if kl_in_reward else torch.zeros_like(mask)
         ref_logp = batch.ref_logp if kl_in_reward else torch.zeros_like(mask)
         token_rewards = kl_penalised_token_rewards(scores, logp, ref_logp, mask, alg.beta)  # [N, T]
         values = critic.values(batch, micro_size)  # [N, T]
@@ -151,7 +154,7 @@ def fill_advantages(
     elif alg.name == "rloo":
         if kl_in_reward:
             scores = kl_penalised_scores(
-                scores, batch.old_logp, batch.ref_logp, mask, alg.beta
+                scores, sampling_logp, batch.ref_logp, mask, alg.beta
             )  # [N]
         batch.advantages = expand_to_tokens(rloo_advantages(scores.view(-1, g)), mask)
     elif alg.advantage == "process":
