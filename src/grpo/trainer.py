@@ -227,7 +227,11 @@ class GRPOTrainer:
 
         # 4. advantages, after the log-probs the estimator needs
         batch = rollout_to_batch(rollout)
-        micro = self._micro_size()
+        # whole groups per mini-batch (dynamic sampling may leave fewer than B groups); the
+        # same micro-batch size bounds memory in the no-grad passes and in the update
+        groups = -(-scored.num_groups // cfg.optim.num_minibatches)
+        per_mini = groups * rollout.group_size
+        micro = -(-per_mini // cfg.optim.gradient_accumulation_steps)
         fast = (cfg.rollout.temperature, cfg.optim.share_prompt, cfg.optim.bucket_by_length)
         if cfg.needs_old_logp:
             batch.old_logp = batched_logp(self.model, batch, micro, *fast)
@@ -238,10 +242,6 @@ class GRPOTrainer:
 
         # 5. mu passes x mini-batches of whole groups: logp, loss, backward, step
         self.model.train()
-        # whole groups per mini-batch (dynamic sampling may leave fewer than B groups)
-        groups = -(-scored.num_groups // cfg.optim.num_minibatches)
-        per_mini = groups * rollout.group_size
-        micro = -(-per_mini // cfg.optim.gradient_accumulation_steps)
         updates = []
         for _ in range(alg.num_iterations):
             for mini in batch.micro_batches(per_mini):
@@ -279,10 +279,6 @@ class GRPOTrainer:
 
     def _evaluate(self) -> dict[str, float]:
         return {f"eval/{k}": v for k, v in self.eval_fn(self.model, self.tokenizer).items()}
-
-    def _micro_size(self) -> int:
-        o = self.cfg.optim
-        return self.cfg.completions_per_step // (o.num_minibatches * o.gradient_accumulation_steps)
 
     def _sample_and_score(self) -> tuple[Scored, dict[str, float]]:
         """One generation round of B prompts; with dynamic sampling, more rounds (at most
