@@ -286,3 +286,31 @@ def test_invalid_params_are_named(model):
         generate(model, PROMPTS, params(top_p=0.0))
     with pytest.raises(ValueError, match="empty"):
         generate(model, [[1], []], params())
+
+
+def test_reserved_cache_layer_equals_dynamic_layer():
+    """Writing in place into a reserved buffer, with rows repeated and later dropped, holds
+    exactly what transformers' concatenating DynamicLayer holds."""
+    from transformers.cache_utils import DynamicLayer
+
+    from grpo.rollout.torch_engine import ReservedLayer
+
+    g = torch.Generator().manual_seed(0)
+    prefill = torch.randn(2, 3, 4, 5, generator=g)  # [B, H, P, D]
+    plain = DynamicLayer()
+    plain.update(prefill, -prefill)
+    rows = torch.tensor([0, 0, 1, 1])
+    plain.reorder_cache(rows)
+    reserved = ReservedLayer(prefill, -prefill, capacity=7, rows=rows)
+    for step, keep in enumerate([None, torch.tensor([0, 2, 3]), None]):
+        if keep is not None:
+            plain.reorder_cache(keep)
+            reserved.reorder_cache(keep)
+        new = torch.randn(plain.keys.shape[0], 3, 1, 5, generator=g)  # [n, H, 1, D]
+        expected = plain.update(new, 2 * new)
+        got = reserved.update(new, 2 * new)
+        assert reserved.get_seq_length() == 4 + step + 1
+        torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="reserved for 7 positions"):
+        reserved.update(torch.zeros(3, 3, 1, 5), torch.zeros(3, 3, 1, 5))

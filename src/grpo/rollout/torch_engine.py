@@ -23,6 +23,11 @@ Choices worth knowing:
 * **Finished rows leave the decode batch.** After a row emits an id of
   ``params.eos_token_ids`` its cache rows are selected away, so late tokens cost only the
   unfinished rows. The only per-step host sync is the "did any row finish" check.
+* **The KV cache is reserved once.** After the prefill, each layer's keys and values move
+  into a buffer sized for the prompt plus ``max_completion_length`` (``ReservedLayer``);
+  a decode step writes its one new position in place instead of concatenating the whole
+  cache again (transformers' ``DynamicLayer`` copies the cache every step). Dropping
+  finished rows copies only the filled part, once per step that has a finished row.
 * **``sample_logp``** is the log-prob under the distribution actually sampled from
   (temperature-scaled, top-k then top-p filtered, renormalised), as TRL and vLLM report
   it; greedy decoding (``temperature == 0``) reports the raw ``log_softmax`` of the logits.
@@ -38,6 +43,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from grpo.types import Rollout, SamplingParams
 
@@ -114,11 +120,14 @@ class TorchEngine:
             logits, cache = forward(ids, mask, positions, cache=None)  # [B or N, V]
             if self.prefix_sharing and G > 1:
                 rows = torch.arange(B, device=device).repeat_interleave(G)  # [N]
-                cache.reorder_cache(rows)
                 logits, mask = logits[rows], mask[rows]  # [N, V], [N, P]
-
+            else:
+                rows = None
+            P = mask.shape[1]
+            reserve_cache(cache, P + T_max, rows)
             active = torch.arange(N, device=device)  # [n] rows still decoding
             next_pos = mask.sum(-1, keepdim=True)  # [n, 1] position of the next token
+            mask = torch.cat([mask, mask.new_ones((N, T_max))], dim=1)  # [n, P + T_max]
             for t in range(T_max):
                 noise = _draw_noise(generator, (N, logits.shape[-1]), params, device)  # [N, V]
                 if noise is not None and len(active) < N:
@@ -138,9 +147,10 @@ class TorchEngine:
                             break
                         cache.reorder_cache(keep)
                         active, tokens = active[keep], tokens[keep]  # [n'], [n']
-                        mask, next_pos = mask[keep], next_pos[keep]  # [n', P+t], [n', 1]
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)  # [n, P+t+1]
-                logits, cache = forward(tokens[:, None], mask, next_pos, cache)  # [n, V]
+                        mask, next_pos = mask[keep], next_pos[keep]  # [n', P+T_max], [n', 1]
+                # the new token's position is always real: the mask is a view, no copy
+                logits, cache = forward(tokens[:, None], mask[:, : P + t + 1], next_pos, cache)
+                # logits [n, V]
                 next_pos = next_pos + 1  # [n, 1]
 
         completion_ids = completion_ids[:, :steps]  # [N, T]
@@ -234,6 +244,72 @@ def _draw_noise(
     # -log U is Exp(1), never 0 as U < 1 (U = 0 gives +inf: that token just loses the race).
     # Inversion is 4x cheaper on CPU than Tensor.exponential_, and multinomial is slower still.
     return uniform.log_().neg_().to(device)  # [N, V]
+
+
+class ReservedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values live in a buffer reserved up front.
+
+    ``keys``/``values`` are views ``[n, H, L, D]`` of buffers ``[n, H, capacity, D]``;
+    ``update`` writes the new positions in place, and ``reorder_cache`` copies only the
+    filled ``L`` positions of the selected rows into a fresh buffer.
+    """
+
+    def __init__(self, keys, values, capacity: int, rows: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.device, self.is_initialized = keys.device, True
+        self.length = keys.shape[-2]
+        self._keys = self._reserve(keys, capacity, rows)  # [n, H, capacity, D]
+        self._values = self._reserve(values, capacity, rows)  # [n, H, capacity, D]
+        self._expose()
+
+    @staticmethod
+    def _reserve(states: torch.Tensor, capacity: int, rows: torch.Tensor | None = None):
+        n = states.shape[0] if rows is None else len(rows)
+        buffer = states.new_empty((n, states.shape[1], capacity, states.shape[3]))
+        filled = buffer[:, :, : states.shape[2]]  # [n, H, L, D] view
+        if rows is None:
+            filled.copy_(states)
+        else:
+            torch.index_select(states, 0, rows, out=filled)
+        return buffer
+
+    def _expose(self) -> None:
+        self.keys = self._keys[:, :, : self.length]  # [n, H, L, D] view
+        self.values = self._values[:, :, : self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[2]:
+            raise RuntimeError(f"KV cache reserved for {self._keys.shape[2]} positions, got {end}")
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        capacity = self._keys.shape[2]
+        self._keys = self._reserve(self.keys, capacity, beam_idx.to(self.device))
+        self._values = self._reserve(self.values, capacity, beam_idx.to(self.device))
+        self._expose()
+
+
+def reserve_cache(cache: object, capacity: int, rows: torch.Tensor | None = None) -> None:
+    """Move each plain ``DynamicLayer`` of ``cache`` into a ``ReservedLayer`` of
+    ``capacity`` positions, taking batch rows ``rows`` (all when None). Other layer kinds
+    (sliding windows, linear attention) and caches without ``layers`` are reordered the
+    usual way and keep growing by concatenation."""
+    layers = getattr(cache, "layers", [])
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized:
+            layers[i] = ReservedLayer(layer.keys, layer.values, capacity, rows)
+        elif rows is not None:
+            layer.reorder_cache(rows)
+    if not layers and rows is not None:
+        cache.reorder_cache(rows)
 
 
 class _Forward:
