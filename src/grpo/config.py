@@ -32,6 +32,12 @@ class ModelConfig(_Section):
     """Reference model for the KL term; defaults to the policy's starting weights."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype of the policy and reference model."""
+    autocast: Literal["none", "bfloat16"] = "none"
+    """Run the training step's forward passes (generation, old-policy, reference, policy,
+    critic) under ``torch.autocast`` in this dtype. Weights, gradients, optimizer states,
+    log-softmax and the loss stay in ``dtype``; matmuls run in bfloat16, about twice as
+    fast on CPUs with avx512_bf16 or AMX and on recent GPUs, at bfloat16's precision (about
+    3 significant digits). Held-out evaluation is not affected."""
 
 
 class DataConfig(_Section):

@@ -59,6 +59,30 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
     return factor
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 matmuls natively (oneDNN's check on a CPU)."""
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast_factory(setting: str, device: torch.device) -> Callable[[], Any]:
+    """A no-argument factory of the forward passes' autocast context (``model.autocast``).
+
+    Raises ValueError when bfloat16 is asked for on a device without native bfloat16
+    matmuls: there autocast would emulate them, slower than float32.
+    """
+    if setting == "none":
+        return contextlib.nullcontext
+    if not native_bf16(device):
+        raise ValueError(
+            f"model.autocast: {setting!r} needs native bfloat16 matmuls (a CPU with "
+            f"avx512_bf16 or AMX, or a GPU with bf16 support); this {device.type} has "
+            "none, so it would run slower than float32. Set model.autocast=none."
+        )
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def _weighted_mean(parts: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
     total = sum(weights) or 1.0
     keys = parts[0].keys() if parts else []
@@ -121,6 +145,7 @@ class GRPOTrainer:
 
             model, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path, cfg.model.dtype)
         self.model, self.tokenizer = model, tokenizer
+        self.autocast = autocast_factory(cfg.model.autocast, next(model.parameters()).device)
         self.ref_model = self._load_reference() if cfg.algorithm.beta > 0 else None
         self.rows = training_rows(cfg.data, cfg.run.seed)
         self.prompt_ids = [encode_prompt(tokenizer, r[cfg.data.prompt_column]) for r in self.rows]
@@ -221,7 +246,8 @@ class GRPOTrainer:
         t0 = time.perf_counter()
 
         # 1-3. draw B prompts, generate G completions each, score (DAPO: refill flat groups)
-        scored, reward_metrics = self._sample_and_score()
+        with self.autocast():
+            scored, reward_metrics = self._sample_and_score()
         rollout = scored.rollout
         t_gen = time.perf_counter()
 
@@ -233,11 +259,14 @@ class GRPOTrainer:
         per_mini = groups * rollout.group_size
         micro = -(-per_mini // cfg.optim.gradient_accumulation_steps)
         fast = (cfg.rollout.temperature, cfg.optim.share_prompt, cfg.optim.bucket_by_length)
-        if cfg.needs_old_logp:
-            batch.old_logp = batched_logp(self.model, batch, micro, *fast)
-        if self.ref_model is not None:
-            batch.ref_logp = batched_logp(self.ref_model, batch, micro, *fast)
-        fill_advantages(batch, scored, cfg, self.tokenizer, self.step_source, self.critic, micro)
+        with self.autocast():
+            if cfg.needs_old_logp:
+                batch.old_logp = batched_logp(self.model, batch, micro, *fast)
+            if self.ref_model is not None:
+                batch.ref_logp = batched_logp(self.ref_model, batch, micro, *fast)
+            fill_advantages(
+                batch, scored, cfg, self.tokenizer, self.step_source, self.critic, micro
+            )
         t_ref = time.perf_counter()
 
         # 5. mu passes x mini-batches of whole groups: logp, loss, backward, step
@@ -247,7 +276,8 @@ class GRPOTrainer:
             for mini in batch.micro_batches(per_mini):
                 update = self._optimizer_step(mini, micro)
                 if self.critic is not None:
-                    update.update(self.critic.update(mini, micro, alg.value_clip))
+                    with self.autocast():
+                        update.update(self.critic.update(mini, micro, alg.value_clip))
                 updates.append(update)
         t_end = time.perf_counter()
 
@@ -376,7 +406,8 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         parts, weights, loss = [], [], 0.0
         for mb in mini.micro_batches(micro):
-            out = policy_loss(self.model, mb, cfg, norm)
+            with self.autocast():
+                out = policy_loss(self.model, mb, cfg, norm)
             out.loss.backward()
             loss += out.loss.item()
             parts.append(out.metrics)
