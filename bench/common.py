@@ -190,14 +190,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak_gflops(sizes: tuple[int, ...] = (256, 512, 1024), repeats: int = 10) -> float:
-    """Best fp32 square-matmul rate (GFLOP/s) on the current torch thread setting.
+def matmul_peak_gflops(
+    sizes: tuple[int, ...] = (256, 512, 1024), repeats: int = 10, precision: str = "fp32"
+) -> float:
+    """Best square-matmul rate (GFLOP/s) on the current torch thread setting, in fp32 or
+    bf16 (the denominator of a bf16 run's utilisation is the bf16 peak).
 
     The best of several sizes and repeats, so that a moment of contention on a shared
     machine lowers it less (it is the denominator of the utilisation)."""
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b  # warm-up
         for _ in range(repeats):
             t = time.perf_counter()

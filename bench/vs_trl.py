@@ -80,11 +80,15 @@ def run_ours(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
     from grpo.trainer import GRPOTrainer
 
     _seed_all(args.seed, args.threads)
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(precision=args.precision)
     total = args.warmup + args.steps
     cfg = build_config(
         {
-            "model": {"name_or_path": setup["model_dir"], "dtype": "float32"},
+            "model": {
+                "name_or_path": setup["model_dir"],
+                "dtype": "float32",
+                "autocast": "bfloat16" if args.precision == "bf16" else "none",
+            },
             "data": {"train_file": setup["prompt_file"]},
             "rollout": {
                 "prompts_per_step": w.prompts_per_step,
@@ -109,6 +113,7 @@ def run_ours(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
         }
     )
     trainer = GRPOTrainer(cfg, reward_functions=[bench_reward])
+    matmul_dtypes = _watch_matmul_dtype(trainer.model)
     step_s, phases = [], {"generation": [], "scoring_and_reference": [], "update": []}
     for i in range(total):
         t = time.perf_counter()
@@ -129,7 +134,17 @@ def run_ours(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "matmul_peak_gflops": peak,
         "threads": torch.get_num_threads(),
+        "matmul_dtypes": sorted(matmul_dtypes),
     }
+
+
+def _watch_matmul_dtype(model) -> set[str]:
+    """The dtypes the first decoder layer's MLP output projection produces, as the run
+    goes: shows whether bf16 autocast really reached the matmuls."""
+    seen: set[str] = set()
+    layer = model.model.layers[0].mlp.down_proj
+    layer.register_forward_hook(lambda mod, args, out: seen.add(str(out.dtype)))
+    return seen
 
 
 # ---------------------------------------------------------------- TRL's side
@@ -146,7 +161,7 @@ def run_trl(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
     from grpo.modeling import load_model_and_tokenizer
 
     _seed_all(args.seed, args.threads)
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(precision=args.precision)
     total = args.warmup + args.steps
     b, g = w.prompts_per_step, w.num_generations
 
@@ -200,7 +215,7 @@ def run_trl(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
         adam_beta2=ADAM_BETAS[1],
         weight_decay=0.0,
         max_grad_norm=MAX_GRAD_NORM,
-        bf16=False,
+        bf16=args.precision == "bf16",  # autocast; the weights stay fp32 (checked below)
         fp16=False,
         gradient_checkpointing=False,
         use_vllm=False,
@@ -227,6 +242,7 @@ def run_trl(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
         dtypes |= {str(p.dtype) for p in trainer.ref_model.parameters()}
     if dtypes != {"torch.float32"} or trainer.args.gradient_checkpointing:
         raise RuntimeError(f"TRL side not fp32/no-checkpointing: {dtypes}")
+    matmul_dtypes = _watch_matmul_dtype(trainer.model)
     trainer.train()
 
     def per_step(name: str) -> list[float]:
@@ -249,6 +265,7 @@ def run_trl(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
         "matmul_peak_gflops": peak,
         "threads": torch.get_num_threads(),
         "trl_version": trl.__version__,
+        "matmul_dtypes": sorted(matmul_dtypes),
     }
 
 
@@ -267,6 +284,7 @@ def _child(side: str, setup_file: Path, args: argparse.Namespace) -> dict:
         *(["--config", args.config] if args.config in WORKLOADS else []),
         *("--steps", str(args.steps), "--warmup", str(args.warmup)),
         *("--threads", str(args.threads), "--seed", str(args.seed), "--workdir", args.workdir),
+        *("--precision", getattr(args, "precision", "fp32")),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -339,7 +357,12 @@ def compare(w: Workload, args: argparse.Namespace) -> dict:
         _add_flops(r, w, setup, args.warmup)
     _print_table(w, setup, results)
 
-    summary: dict = {"config": w.name, "steps": args.steps, "warmup": args.warmup}
+    summary: dict = {
+        "config": w.name,
+        "precision": args.precision,
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
     for side, r in results.items():
         summary |= {
             f"{side}_s_per_step": r["s_per_step"],
@@ -349,6 +372,7 @@ def compare(w: Workload, args: argparse.Namespace) -> dict:
             f"{side}_peak_rss_mb": r["peak_rss_mb"],
             f"{side}_phases_s": r["phases_s"],
             f"{side}_utilisation": r["utilisation"],
+            f"{side}_matmul_dtypes": r["matmul_dtypes"],
         }
     if "ours" in results:
         summary["utilisation"] = results["ours"]["utilisation"]
@@ -380,6 +404,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default=None, help="model, prompts, outputs (default: tmp)")
     parser.add_argument("--sides", choices=["both", "ours", "trl"], default="both")
     parser.add_argument("--trl-python", default=None, help="interpreter for the TRL side")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: bfloat16 autocast on both sides (ours: model.autocast, TRL: bf16=True), "
+        "weights and optimizer in fp32",
+    )
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -66,21 +66,22 @@ def test_groups_of_one_and_a_partial_group(model):
 
 
 @pytest.mark.parametrize("share_prompt", [True, False])
-def test_length_buckets_give_the_same_numbers(model, share_prompt):
+def test_length_buckets_give_the_same_numbers(model, share_prompt, monkeypatch):
+    from grpo import objective
     from grpo.objective import batch_logp, length_buckets
     from grpo.types import Batch
 
+    monkeypatch.setattr(objective, "CALL_POSITIONS", 0)  # calls are free: only prompts cost
+    seen = []
+    monkeypatch.setattr(
+        objective, "length_buckets", lambda *a: seen.append(length_buckets(*a)) or seen[-1]
+    )
     ids, mask, groups, t = grouped_batch(b=2, g=4, p=5, t=8)
     mask[0, -6:] = 0  # lengths 2, 4, 8, 8 | 8, 3, 8, 1: padding worth trimming
     mask[1, -4:] = 0
     mask[5, -5:] = 0
     mask[7, -7:] = 0
     batch = Batch(ids, mask, mask[:, -t:].float(), torch.zeros(8, t), group_ids=groups)
-    lengths = batch.completion_mask.sum(1).long()
-    # sorted 1 2 3 4 | 8 8 8 8, each extra chunk priced 0.05 * 8 * 8 = 3.2 positions:
-    # one chunk 8*8 = 64; two 4*4 + 4*8 + 3.2 = 51.2; four 2*2 + 2*4 + 2*8 + 2*8 + 9.6 = 53.6;
-    # eight 1+2+3+4+8+8+8+8 + 22.4 = 64.4: two chunks is cheapest
-    assert [c.tolist() for c in length_buckets(lengths)] == [[0, 1, 5, 7], [2, 3, 4, 6]]
     out = {}
     for bucket in (False, True):
         model.zero_grad()
@@ -88,8 +89,44 @@ def test_length_buckets_give_the_same_numbers(model, share_prompt):
         weights = torch.linspace(-1, 1, 8)[:, None] * batch.completion_mask
         (logp * weights).sum().backward()
         out[bucket] = (logp, entropy, [p.grad.clone() for p in model.parameters()])
+    # lengths by row 2 4 8 8 | 8 3 8 1, sorted 1 2 3 4 8 8 8 8 (rows 7 0 5 1, then 2 3 4 6).
+    # Shared prompts: each extra call reruns both 5-token prompts, 10 positions. One call
+    # 8*8 = 64; cut after length 4: 4*4 + 4*8 + 10 = 58; after 2 and 4: 2*2 + 2*4 + 32 + 20
+    # = 64; after 1 and 4: 1 + 3*4 + 32 + 20 = 65; more cuts cost more: two calls win.
+    # Unshared: extra calls are free here, so each distinct length gets its own call.
+    expected = [[0, 1, 5, 7], [2, 3, 4, 6]] if share_prompt else [[7], [0], [5], [1], [2, 3, 4, 6]]
+    assert [[c.tolist() for c in chunks] for chunks in seen] == [expected]
     real = batch.completion_mask.bool()
     torch.testing.assert_close(out[True][0][real], out[False][0][real])
     torch.testing.assert_close(out[True][1][real], out[False][1][real])
     for a, b in zip(out[True][2], out[False][2], strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_length_buckets_cost_equals_brute_force_minimum():
+    """The dynamic programme finds the cheapest split: checked against every way of cutting
+    the sorted rows into runs (cuts only between different lengths can help)."""
+    import itertools
+
+    from grpo.objective import length_buckets
+
+    def cost(chunks, lengths, extra):
+        return sum(len(c) * int(lengths[c].max()) for c in chunks) + extra * (len(chunks) - 1)
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        lengths = torch.randint(1, 12, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g)
+        extra = float(trial % 4) * 3.5
+        values = sorted(set(lengths.tolist()))
+        brute = min(
+            sum(
+                int((lengths > lo).logical_and(lengths <= hi).sum()) * hi
+                for lo, hi in itertools.pairwise([0, *cuts, values[-1]])
+            )
+            + extra * len(cuts)
+            for r in range(len(values))
+            for cuts in itertools.combinations(values[:-1], r)
+        )
+        chunks = length_buckets(lengths, extra)
+        assert sorted(torch.cat(chunks).tolist()) == list(range(len(lengths)))
+        assert cost(chunks, lengths, extra) == brute
