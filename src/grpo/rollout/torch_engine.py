@@ -150,9 +150,8 @@ class TorchEngine:
                         cache.reorder_cache(keep)
                         active, tokens = active[keep], tokens[keep]  # [n'], [n']
                         mask, next_pos = mask[keep], next_pos[keep]  # [n', P+T_max], [n', 1]
-                # the new token's position is always real: the mask is a view, no copy
-                logits, cache = forward(tokens[:, None], mask[:, : P + t + 1], next_pos, cache)
-                # logits [n, V]
+                step_mask = mask[:, : P + t + 1]  # [n, P+t+1] a view: new positions are real
+                logits, cache = forward(tokens[:, None], step_mask, next_pos, cache)  # [n, V]
                 next_pos = next_pos + 1  # [n, 1]
 
         completion_ids = completion_ids[:, :steps]  # [N, T]
