@@ -130,3 +130,26 @@ def test_length_buckets_cost_equals_brute_force_minimum():
         chunks = length_buckets(lengths, extra)
         assert sorted(torch.cat(chunks).tolist()) == list(range(len(lengths)))
         assert cost(chunks, lengths, extra) == brute
+
+
+def test_critic_values_and_gradients_with_the_prompt_run_once():
+    """PPO's value model on the shared prompt gives the full forward's values and gradients."""
+    from grpo.ppo import ValueModel
+
+    tok = build_char_tokenizer()
+    lm = build_tiny_model(tok, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+    critic = ValueModel(lm.model).train()
+    # a non-zero head (it starts at zero), small as a trained one: gradients of order 1
+    torch.nn.init.normal_(critic.head.weight, std=0.02, generator=torch.Generator().manual_seed(1))
+    ids, mask, groups, t = grouped_batch()
+    out = {}
+    for shared in (False, True):
+        critic.zero_grad()
+        values = critic(ids, mask, t, groups if shared else None)  # [N, T]
+        weights = torch.linspace(-1, 1, ids.shape[0])[:, None] * mask[:, -t:]  # [N, T]
+        (values * weights).sum().backward()
+        out[shared] = (values, [p.grad.clone() for p in critic.parameters()])
+    real = mask[:, -t:].bool()
+    torch.testing.assert_close(out[True][0][real], out[False][0][real])
+    for a, b in zip(out[True][1], out[False][1], strict=True):
+        torch.testing.assert_close(a, b)

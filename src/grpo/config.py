@@ -178,8 +178,8 @@ class OptimConfig(_Section):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     """Micro-batches per mini-batch (memory only: the gradient is the same)."""
     share_prompt: bool = True
-    """Run each group's prompt once in the policy, old-policy and reference passes and
-    share its keys and values with the G completions (Prefix Grouper, arXiv 2506.05433):
+    """Run each group's prompt once in the policy, old-policy, reference and critic passes
+    and share its keys and values with the G completions (Prefix Grouper, arXiv 2506.05433):
     the same log-probs and gradients for ``B*P + N*T`` tokens instead of ``N*(P+T)``."""
     bucket_by_length: bool = True
     """Run completions of similar length together, each set trimmed to its longest, so

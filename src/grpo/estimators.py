@@ -81,18 +81,26 @@ def informative_groups(rewards: torch.Tensor) -> torch.Tensor:
 class Critic:
     """PPO's value model with its own AdamW, updated on the same mini-batches as the policy."""
 
-    def __init__(self, name_or_path: str, learning_rate: float, max_grad_norm: float):
+    def __init__(
+        self,
+        name_or_path: str,
+        learning_rate: float,
+        max_grad_norm: float,
+        share_prompt: bool = True,
+    ):
         self.model = ValueModel.from_pretrained(name_or_path)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learning_rate)
         self.max_grad_norm = max_grad_norm or float("inf")
+        self.share_prompt = share_prompt
+
+    def _values(self, mb: Batch) -> torch.Tensor:
+        groups = mb.group_ids if self.share_prompt else None
+        return self.model(mb.input_ids, mb.attention_mask, mb.completion_length, groups)
 
     @torch.no_grad()
     def values(self, batch: Batch, micro_size: int) -> torch.Tensor:
         self.model.eval()
-        parts = [
-            self.model(mb.input_ids, mb.attention_mask, mb.completion_length)
-            for mb in batch.micro_batches(micro_size)
-        ]
+        parts = [self._values(mb) for mb in batch.micro_batches(micro_size)]
         return torch.cat(parts)  # [N, T]
 
     def update(self, mini: Batch, micro_size: int, clip: float | None) -> dict[str, float]:
@@ -102,7 +110,7 @@ class Critic:
         self.optimizer.zero_grad(set_to_none=True)
         loss, clipped = 0.0, 0.0
         for mb in mini.micro_batches(micro_size):
-            values = self.model(mb.input_ids, mb.attention_mask, mb.completion_length)  # [n, T]
+            values = self._values(mb)  # [n, T]
             out = value_loss(
                 values,
                 mb.extras["old_values"],

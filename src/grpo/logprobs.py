@@ -138,17 +138,41 @@ def shared_prefix_logp(
 ) -> tuple[Tensor, Tensor | None]:
     """``completion_logp`` with each group's prompt run once, not once per completion.
 
+    Args:
+        input_ids, attention_mask, completion_length, temperature, with_entropy: as in
+            ``completion_logp``; rows of one group must be contiguous.
+        group_ids: ``[n]`` which prompt each row answers (equal ids share a prompt).
+    """
+    logits = shared_prefix_outputs(model, input_ids, attention_mask, completion_length, group_ids)
+    t = completion_length
+    return _score_completion(logits, input_ids[:, -t:], temperature, with_entropy)
+
+
+def shared_prefix_outputs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_length: int,
+    group_ids: Tensor,
+) -> Tensor:
+    """The model's outputs at the T positions that score completion tokens 0 .. T-1 (the
+    last prompt position, then completion positions 0 .. T-2), each group's prompt run once.
+
     The G completions of a group share their prompt, and under a causal mask the prompt's
     keys and values do not depend on what follows, so the prompt is run once per group
     (``[b, P]``), its KV cache is repeated to the group's rows, and only the completions
     (``[n, T]``) are run on top (Prefix Grouper, arXiv 2506.05433). Gradients flow back
-    through the repeated cache into the one prompt pass, so log-probs and gradients equal
-    ``completion_logp``'s up to float rounding, at the cost of ``b * P + n * T`` tokens
-    instead of ``n * (P + T)``.
+    through the repeated cache into the one prompt pass, so the outputs and gradients equal
+    a full ``[n, P + T]`` forward's up to float rounding, at the cost of ``b * P + n * T``
+    tokens instead of ``n * (P + T)``.
 
     Args:
-        input_ids, attention_mask, completion_length, temperature, with_entropy: as in
-            ``completion_logp``; rows of one group must be contiguous.
+        model: a causal LM (outputs are logits ``[n, T, V]``) or a bare transformer backbone
+            (outputs are last hidden states ``[n, T, H]``), taking ``position_ids`` and a cache.
+        input_ids: ``[n, P + T]`` left-padded prompt then right-padded completion; the rows
+            of one group are contiguous.
+        attention_mask: ``[n, P + T]`` 1 on real tokens.
+        completion_length: T.
         group_ids: ``[n]`` which prompt each row answers (equal ids share a prompt).
     """
     t = completion_length
@@ -157,23 +181,30 @@ def shared_prefix_logp(
     first = torch.cumsum(counts, 0) - counts  # [b] first row of each group
     row_group = torch.repeat_interleave(torch.arange(len(counts)), counts)  # [n]
     prompt_mask = attention_mask[first, :p]  # [b, P]
+    names = inspect.signature(model.forward).parameters
     out = model(
         input_ids=input_ids[first, :p],
         attention_mask=prompt_mask,
         position_ids=(prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0),
-        logits_to_keep=1,
         use_cache=True,
+        **({"logits_to_keep": 1} if "logits_to_keep" in names else {}),
     )
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     cache.reorder_cache(row_group)  # [b, ...] -> [n, ...], differentiable
     positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [n, P + T]
-    completion_logits = model(
+    rest = model(
         input_ids=input_ids[:, p:],
         attention_mask=attention_mask,
         position_ids=positions[:, p:],
         use_cache=True,
         **{cache_argument(model): cache},
-    ).logits  # [n, T, V]
+    )  # [n, T, ...]
+    last, rest = _main_output(out), _main_output(rest)
     # the prompt's last position scores completion token 0; completion position t, token t+1
-    logits = torch.cat([out.logits[row_group, -1:], completion_logits[:, :-1]], dim=1)  # [n, T, V]
-    return _score_completion(logits, input_ids[:, p:], temperature, with_entropy)
+    return torch.cat([last[row_group, -1:], rest[:, :-1]], dim=1)  # [n, T, ...]
+
+
+def _main_output(out) -> Tensor:
+    """Logits of a causal LM's output, else the last hidden state of a backbone's."""
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state

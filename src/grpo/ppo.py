@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import AutoModel, PreTrainedModel
 
+from grpo.logprobs import shared_prefix_outputs
 from grpo.losses import Normaliser, aggregate, kl_divergence
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -93,13 +94,21 @@ class ValueModel(torch.nn.Module):
         """Parameters of backbone and head (only those with ``requires_grad`` if asked)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_length: int) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        completion_length: int,
+        group_ids: Tensor | None = None,
+    ) -> Tensor:
         """Value of the state before each completion token.
 
         Args:
             input_ids: ``[N, P + T]`` left-padded prompt followed by right-padded completion.
             attention_mask: ``[N, P + T]`` 1 on real tokens.
             completion_length: T.
+            group_ids: ``[N]`` which prompt each row answers, rows of a group contiguous:
+                each group's prompt then runs once (``shared_prefix_outputs``), same values.
 
         Returns:
             ``[N, T]`` float32 values; padded completion positions hold values that the
@@ -110,6 +119,11 @@ class ValueModel(torch.nn.Module):
                 f"completion_length must be in [1, P + T - 1] = [1, {input_ids.shape[1] - 1}] "
                 f"(at least one prompt token), got {completion_length}"
             )
+        if group_ids is not None:
+            state = shared_prefix_outputs(
+                self.backbone, input_ids, attention_mask, completion_length, group_ids
+            )  # [N, T, H]
+            return self.head(state.to(self.head.weight.dtype)).squeeze(-1)  # [N, T]
         # As in completion_logp: positions restart at each row's first real token.
         position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [N, P + T]
         hidden = self.backbone(

@@ -172,7 +172,10 @@ class GRPOTrainer:
         alg, o = cfg.algorithm, cfg.optim
         self.critic = (
             Critic(
-                cfg.model.name_or_path, alg.critic_learning_rate or o.learning_rate, o.max_grad_norm
+                cfg.model.name_or_path,
+                alg.critic_learning_rate or o.learning_rate,
+                o.max_grad_norm,
+                o.share_prompt,
             )
             if alg.name == "ppo"
             else None
