@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                 workdir=str(root / w.name),
                 sides="both",
                 trl_python=args.trl_python,
+                precision="fp32",
             )
             results["points"].append(row(compare(w, run_args)))
             results["elapsed_s"] = time.perf_counter() - t0

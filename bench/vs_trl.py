@@ -284,7 +284,7 @@ def _child(side: str, setup_file: Path, args: argparse.Namespace) -> dict:
         *(["--config", args.config] if args.config in WORKLOADS else []),
         *("--steps", str(args.steps), "--warmup", str(args.warmup)),
         *("--threads", str(args.threads), "--seed", str(args.seed), "--workdir", args.workdir),
-        *("--precision", getattr(args, "precision", "fp32")),
+        *("--precision", args.precision),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
