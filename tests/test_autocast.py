@@ -102,3 +102,20 @@ def test_bf16_log_probs_and_rollout_agree_with_fp32(tiny_model_dir):
         logp_fp32, _ = batch_logp(model, batch, temperature=1.0)
     torch.testing.assert_close(logp_bf16[mask], logp_fp32[mask], **BF16_TOL)
     torch.testing.assert_close(rollout.sample_logp[mask], logp_fp32[mask], **BF16_TOL)
+
+
+@needs_bf16
+def test_ppo_critic_forward_runs_in_bf16_and_its_state_stays_fp32(tiny_model_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, tmp_path, "model.autocast=bfloat16", "algorithm.name=ppo")
+    t = GRPOTrainer(cfg, reward_functions=[distinct_chars])
+    seen = []  # (grad enabled, autocast on, output dtype) per critic forward
+    t.critic.model.backbone.layers[0].mlp.down_proj.register_forward_hook(
+        lambda mod, args, out: seen.append((torch.is_grad_enabled(), out.dtype))
+    )
+    row = t.train_step()
+    assert torch.isfinite(torch.tensor(row["value_loss"]))
+    # the values for GAE (no grad), then the value update's forward (grad): both bf16
+    assert set(seen) == {(False, torch.bfloat16), (True, torch.bfloat16)}
+    critic = t.critic.model
+    assert {p.dtype for p in critic.parameters()} == {torch.float32}
+    assert {p.grad.dtype for p in critic.parameters() if p.grad is not None} == {torch.float32}

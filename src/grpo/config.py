@@ -35,9 +35,10 @@ class ModelConfig(_Section):
     autocast: Literal["none", "bfloat16"] = "none"
     """Run the training step's forward passes (generation, old-policy, reference, policy,
     critic) under ``torch.autocast`` in this dtype. Weights, gradients, optimizer states,
-    log-softmax and the loss stay in ``dtype``; matmuls run in bfloat16, about twice as
-    fast on CPUs with avx512_bf16 or AMX and on recent GPUs, at bfloat16's precision (about
-    3 significant digits). Held-out evaluation is not affected."""
+    log-softmax, the losses and the backward passes stay in ``dtype``; matmuls run in
+    bfloat16, about twice as fast on CPUs with avx512_bf16 or AMX and on recent GPUs, at
+    bfloat16's precision (about 3 significant digits). Reward models and held-out
+    evaluation are not affected."""
 
 
 class DataConfig(_Section):

@@ -14,6 +14,9 @@ in ``grpo.advantages`` and ``grpo.ppo``; this module only routes data to it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -87,15 +90,18 @@ class Critic:
         learning_rate: float,
         max_grad_norm: float,
         share_prompt: bool = True,
+        autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     ):
         self.model = ValueModel.from_pretrained(name_or_path)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learning_rate)
         self.max_grad_norm = max_grad_norm or float("inf")
         self.share_prompt = share_prompt
+        self.autocast = autocast  # the forward's context (``model.autocast``), not the backward's
 
     def _values(self, mb: Batch) -> torch.Tensor:
         groups = mb.group_ids if self.share_prompt else None
-        return self.model(mb.input_ids, mb.attention_mask, mb.completion_length, groups)
+        with self.autocast():
+            return self.model(mb.input_ids, mb.attention_mask, mb.completion_length, groups)
 
     @torch.no_grad()
     def values(self, batch: Batch, micro_size: int) -> torch.Tensor:

@@ -176,6 +176,7 @@ class GRPOTrainer:
                 alg.critic_learning_rate or o.learning_rate,
                 o.max_grad_norm,
                 o.share_prompt,
+                self.autocast,
             )
             if alg.name == "ppo"
             else None
@@ -249,8 +250,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
 
         # 1-3. draw B prompts, generate G completions each, score (DAPO: refill flat groups)
-        with self.autocast():
-            scored, reward_metrics = self._sample_and_score()
+        scored, reward_metrics = self._sample_and_score()
         rollout = scored.rollout
         t_gen = time.perf_counter()
 
@@ -267,9 +267,7 @@ class GRPOTrainer:
                 batch.old_logp = batched_logp(self.model, batch, micro, *fast)
             if self.ref_model is not None:
                 batch.ref_logp = batched_logp(self.ref_model, batch, micro, *fast)
-            fill_advantages(
-                batch, scored, cfg, self.tokenizer, self.step_source, self.critic, micro
-            )
+        fill_advantages(batch, scored, cfg, self.tokenizer, self.step_source, self.critic, micro)
         t_ref = time.perf_counter()
 
         # 5. mu passes x mini-batches of whole groups: logp, loss, backward, step
@@ -279,8 +277,7 @@ class GRPOTrainer:
             for mini in batch.micro_batches(per_mini):
                 update = self._optimizer_step(mini, micro)
                 if self.critic is not None:
-                    with self.autocast():
-                        update.update(self.critic.update(mini, micro, alg.value_clip))
+                    update.update(self.critic.update(mini, micro, alg.value_clip))
                 updates.append(update)
         t_end = time.perf_counter()
 
@@ -345,7 +342,8 @@ class GRPOTrainer:
         idx = self.sampler.next(num_prompts)
         rows = [self.rows[i] for i in idx]
         prompts = [self.prompt_ids[i] for i in idx]
-        rollout = self.engine.generate(self.model, prompts, self.sampling, self.generator)
+        with self.autocast():
+            rollout = self.engine.generate(self.model, prompts, self.sampling, self.generator)
         ids = [
             row[m.bool()].tolist()
             for row, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
