@@ -5,9 +5,9 @@ rtol 1.6e-2 and atol 1e-5)."""
 
 import pytest
 import torch
+from test_trainer import distinct_chars, make_cfg
 
 from grpo import trainer as trainer_mod
-from grpo.config import build_config
 from grpo.modeling import load_model_and_tokenizer
 from grpo.objective import batch_logp, rollout_to_batch
 from grpo.rollout.torch_engine import TorchEngine
@@ -18,26 +18,6 @@ BF16_TOL = {"rtol": 1.6e-2, "atol": 1e-5}  # torch.testing's defaults for bfloat
 needs_bf16 = pytest.mark.skipif(
     not trainer_mod.native_bf16(torch.device("cpu")), reason="this CPU has no native bfloat16"
 )
-
-
-def distinct_chars(prompts, completions, **kwargs):
-    return [len(set(c)) / 8 for c in completions]
-
-
-def make_cfg(model_dir, out, *extra):
-    return build_config(
-        overrides=[
-            f"model.name_or_path={model_dir}",
-            f"run.output_dir={out}",
-            "run.progress=false",
-            "data.num_train_prompts=40",
-            "rollout.prompts_per_step=2",
-            "rollout.num_generations=4",
-            "rollout.max_completion_length=8",
-            "optim.max_steps=1",
-            *extra,
-        ]
-    )
 
 
 def test_autocast_none_is_a_null_context():
