@@ -27,7 +27,10 @@ Choices worth knowing:
   into a buffer sized for the prompt plus ``max_completion_length`` (``ReservedLayer``);
   a decode step writes its one new position in place instead of concatenating the whole
   cache again (transformers' ``DynamicLayer`` copies the cache every step). Dropping
-  finished rows copies only the filled part, once per step that has a finished row.
+  finished rows copies only the filled part, once per step that has a finished row. On a
+  CPU the reserved pages become resident only as they are written, so memory still grows
+  with the tokens produced; on a GPU the buffer is allocated whole, as large as the cache
+  of N rows that all run to ``max_completion_length``.
 * **``sample_logp``** is the log-prob under the distribution actually sampled from
   (temperature-scaled, top-k then top-p filtered, renormalised), as TRL and vLLM report
   it; greedy decoding (``temperature == 0``) reports the raw ``log_softmax`` of the logits.
