@@ -198,9 +198,8 @@ def matmul_peak_gflops(
 
     The best of several sizes and repeats, so that a moment of contention on a shared
     machine lowers it less (it is the denominator of the utilisation)."""
-    best = 0.0
+    best, dtype = 0.0, torch.bfloat16 if precision == "bf16" else torch.float32
     for n in sizes:
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b  # warm-up
         for _ in range(repeats):
