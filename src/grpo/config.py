@@ -30,6 +30,10 @@ class ModelConfig(_Section):
     """Local directory or hub id of the policy, loaded with ``from_pretrained``."""
     ref_name_or_path: str | None = None
     """Reference model for the KL term; defaults to the policy's starting weights."""
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    """Where the policy, reference, critic and reward models run: ``auto`` (CUDA when
+    present, else CPU), ``cpu``, ``cuda`` (under torchrun: this process's local GPU) or
+    ``cuda:N``. Every tensor of a step lives there."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype of the policy and reference model."""
     autocast: Literal["none", "bfloat16"] = "none"
