@@ -107,7 +107,8 @@ WORKLOADS: dict[str, Workload] = {
 
 def prepare_workdir(workload: Workload, workdir: Path, seed: int) -> dict:
     """Create the model directory and the prompt file both sides load; return their paths."""
-    from grpo.modeling import init_model_dir, load_model_and_tokenizer
+    from grpo.hf import load_model_and_tokenizer
+    from grpo.modeling import init_model_dir
 
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = init_model_dir(

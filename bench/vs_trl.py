@@ -16,13 +16,15 @@ group reward scaling, mu = 1 with one optimizer step per rollout batch, AdamW
 (lr, betas 0.9/0.999, no weight decay), grad clip 1.0, constant LR, fp32 and no gradient
 checkpointing on both sides (TRL's defaults turn bf16 and checkpointing on: both off here).
 
-Phase split. Ours: ``time/generation``, ``time/scoring_and_reference`` and ``time/update``
-from ``GRPOTrainer.train_step()``. TRL: its own ``profiling_context`` timers (normally only
-sent to W&B/MLflow/Trackio) are captured by replacing ``ProfilingContext._log_metrics``;
-generation is ``transformers.generate``, scoring+reference is the rest of
-``_prepare_inputs`` (decode, rewards, reference log-probs), update is the rest of the step
-(loss forward/backward, clip, optimizer). TRL's step time is measured by a
-``TrainerCallback`` from ``on_step_begin`` to ``on_step_end``.
+Phase split. Ours: ``time/generation``, scoring + old-policy + reference + advantages
+(``time/scoring``, ``time/old_logp``, ``time/reference``, ``time/advantages``) and
+``time/update`` from ``GRPOTrainer.train_step()``. TRL: its own ``profiling_context``
+timers (normally only sent to W&B/MLflow/Trackio) are captured by replacing
+``ProfilingContext._log_metrics``; generation is ``transformers.generate``,
+scoring+reference is the rest of ``_prepare_inputs`` (decode, rewards, reference
+log-probs), update is the rest of the step (loss forward/backward, clip, optimizer).
+TRL's step time is measured by a ``TrainerCallback`` from ``on_step_begin`` to
+``on_step_end``.
 
 TRL must be importable by the interpreter that runs the TRL side (``pip install -e
 '.[bench]'``); ``--trl-python`` names another interpreter when this one lacks it.
@@ -121,7 +123,8 @@ def run_ours(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
         step_s.append(time.perf_counter() - t)
         trainer.step += 1
         phases["generation"].append(m["time/generation"])
-        phases["scoring_and_reference"].append(m["time/scoring_and_reference"])
+        between = ("time/scoring", "time/old_logp", "time/reference", "time/advantages")
+        phases["scoring_and_reference"].append(sum(m[k] for k in between))
         phases["update"].append(m["time/update"])
         split = " / ".join(f"{v[-1]:.2f}" for v in phases.values())
         print(
@@ -158,7 +161,7 @@ def run_trl(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
     from trl import GRPOConfig, GRPOTrainer
     from trl.extras import profiling
 
-    from grpo.modeling import load_model_and_tokenizer
+    from grpo.hf import load_model_and_tokenizer
 
     _seed_all(args.seed, args.threads)
     peak = matmul_peak_gflops(precision=args.precision)

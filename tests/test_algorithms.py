@@ -4,13 +4,15 @@ import pytest
 import torch
 from test_trainer import distinct_chars, make_cfg
 
+from grpo.advantages import informative_groups
+from grpo.algorithms import ALGORITHMS, build_algorithm
+from grpo.algorithms.objective import policy_loss
 from grpo.config import build_config
-from grpo.estimators import Scored, fill_advantages, informative_groups
 from grpo.losses import Normaliser
-from grpo.objective import batched_logp, policy_loss, rollout_to_batch
 from grpo.rewards.shaping import overlong_penalty
+from grpo.runtime import Runtime
 from grpo.trainer import GRPOTrainer
-from grpo.types import Batch, Rollout
+from grpo.types import Batch, Rollout, Scored
 
 
 def constant(prompts, completions, **kwargs):
@@ -40,7 +42,7 @@ def _one_group_batch(mask):
         truncated=torch.zeros(n, dtype=torch.bool),
         group_size=n,
     )
-    return rollout, rollout_to_batch(rollout)
+    return rollout, Batch.from_rollout(rollout)
 
 
 def test_rloo_puts_kl_in_the_reward_by_hand():
@@ -52,7 +54,7 @@ def test_rloo_puts_kl_in_the_reward_by_hand():
     batch.old_logp = torch.tensor([[-1.0, -1.0], [-2.0, 9.0], [-1.0, -3.0]])
     batch.ref_logp = torch.tensor([[-2.0, -1.0], [-2.0, 0.0], [-1.0, -1.0]])
     scored = Scored([{}], rollout, [[]] * 3, [""] * 3, torch.tensor([[1.0, 0.0, 1.0]]))
-    fill_advantages(batch, scored, cfg)
+    build_algorithm(cfg, Runtime(torch.device("cpu")), None).prepare(batch, scored, 3)
     # KL_i = sum (old - ref): 1, 0 (padding ignored), -2; shaped r = r - 0.5 KL = 0.5, 0, 2
     # leave-one-out: 0.5 - (0+2)/2 = -0.5; 0 - (0.5+2)/2 = -1.25; 2 - (0.5+0)/2 = 1.75
     want = torch.tensor([[-0.5, -0.5], [-1.25, 0.0], [1.75, 1.75]])
@@ -64,12 +66,13 @@ def test_gspo_gives_every_token_of_a_completion_one_ratio(tiny_model_dir, tmp_pa
                    "algorithm.beta=0")  # fmt: skip
     t = GRPOTrainer(cfg, reward_functions=[distinct_chars])
     rollout = t.engine.generate(t.model, [t.prompt_ids[0]], t.sampling, t.generator)
-    batch = rollout_to_batch(rollout)
+    batch = Batch.from_rollout(rollout)
     mask = batch.completion_mask  # [N, T]
     batch.advantages = mask.clone()  # A = 1 on every real token
-    logp = batched_logp(t.model, batch, 8, 1.0)  # [N, T]
-    batch.old_logp = logp + torch.linspace(-0.6, 0.6, logp.shape[1])  # token ratios all differ
-    out = policy_loss(t.model, batch, cfg, Normaliser.from_mask(mask, 8))
+    logp, _ = t.policy.logp(batch)  # [N, T]
+    batch.old_logp = logp.detach() + torch.linspace(-0.6, 0.6, logp.shape[1])  # ratios differ
+    norm = Normaliser.from_mask(mask, 8)
+    out = policy_loss(logp, None, batch, t.algorithm, cfg.algorithm, norm)
     # GSPO: r_i = exp(mean over i's tokens of (logp - old_logp)); with A = 1 each token's
     # objective is min(r_i, clip(r_i, 0.8, 1.2)), so the per-completion mean is that value too
     # and the paper's aggregation gives -mean_i min(r_i, clip(r_i))
@@ -94,7 +97,7 @@ def test_ppo_trains_a_critic_and_costs_more_memory(tiny_model_dir, tmp_path):
     grpo, grpo_hist = run_steps(tiny_model_dir, tmp_path / "g")
     ppo, ppo_hist = run_steps(tiny_model_dir, tmp_path / "p", "algorithm.name=ppo")
     assert all(torch.isfinite(torch.tensor(h["value_loss"])) for h in ppo_hist)
-    assert ppo.critic.model.head.weight.abs().sum() > 0  # the head left zero
+    assert ppo.algorithm.critic.model.head.weight.abs().sum() > 0  # the head left zero
     # GRPO: policy + reference weights + AdamW's two moments of the policy = 4 copies;
     # PPO adds a critic of the same backbone with its own two moments: 7 copies (roughly)
     g, p = (
@@ -113,16 +116,26 @@ def test_process_supervision_with_the_step_verifier(tiny_model_dir, tmp_path):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
 
 
-def test_dynamic_sampling_keeps_only_informative_groups(tiny_model_dir, tmp_path, monkeypatch):
-    t = GRPOTrainer(
-        make_cfg(
-            tiny_model_dir, tmp_path, "algorithm.dynamic_sampling=true", "algorithm.max_refills=3"
-        ),
-        reward_functions=[distinct_chars],
-    )
-    scored, metrics = t._sample_and_score()
-    assert informative_groups(scored.rewards).all()
-    assert scored.num_groups <= 2 and metrics["dynamic_sampling/groups_kept"] == scored.num_groups
+def first_group_only(prompts, completions, **kwargs):
+    """Spread in the first group of each scoring call (G = 4), all-equal rewards elsewhere."""
+    return [len(set(c)) / 8 if i < 4 else 1.0 for i, c in enumerate(completions)]
+
+
+@pytest.mark.parametrize(("refills", "kept", "drawn"), [(0, 1, 2), (3, 2, 4)])
+def test_dynamic_sampling_keeps_only_informative_groups(
+    tiny_model_dir, tmp_path, refills, kept, drawn
+):
+    """B = 2, one informative group per round: one round keeps 1 group; with refills the
+    second round fills the batch (2 groups) and no third round is drawn."""
+    cfg = make_cfg(
+        tiny_model_dir, tmp_path, "algorithm.dynamic_sampling=true",
+        f"algorithm.max_refills={refills}",
+    )  # fmt: skip
+    t = GRPOTrainer(cfg, reward_functions=[first_group_only])
+    metrics = t.train_step()
+    assert metrics["dynamic_sampling/groups_kept"] == kept
+    assert t.sampler.state_dict()["position"] == drawn
+    assert metrics["frac_reward_zero_std"] == 0.5  # the first round's: one flat group of two
 
 
 def test_dynamic_sampling_stops_with_a_clear_message(tiny_model_dir, tmp_path):
@@ -149,20 +162,25 @@ def test_batch_rows_keep_extras():
     assert b.rows(slice(2, 4)).extras["returns"].tolist() == [[4.0, 5.0], [6.0, 7.0]]
 
 
-def test_dynamic_sampling_with_few_groups_still_splits_into_whole_groups(
-    tiny_model_dir, tmp_path, monkeypatch
-):
+def test_dynamic_sampling_with_few_groups_still_splits_into_whole_groups(tiny_model_dir, tmp_path):
     """With one informative group of two, two mini-batches of two micro-batches each."""
-    import grpo.trainer as trainer_mod
-
     extra = ("algorithm.dynamic_sampling=true", "algorithm.max_refills=0")
     extra += ("optim.num_minibatches=2", "optim.gradient_accumulation_steps=2")
-    t = GRPOTrainer(make_cfg(tiny_model_dir, tmp_path, *extra), reward_functions=[distinct_chars])
-    monkeypatch.setattr(
-        trainer_mod,
-        "informative_groups",
-        lambda rewards: informative_groups(rewards) & (torch.arange(rewards.shape[0]) == 0),
-    )
+    t = GRPOTrainer(make_cfg(tiny_model_dir, tmp_path, *extra), reward_functions=[first_group_only])
     metrics = t.train_step()
     assert metrics["dynamic_sampling/groups_kept"] == 1
     assert torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def test_every_algorithm_is_registered_and_nothing_else_tests_its_name():
+    import pathlib
+
+    import grpo
+
+    assert set(ALGORITHMS) == {"grpo", "rloo", "ppo"}
+    root = pathlib.Path(grpo.__file__).parent
+    for path in root.rglob("*.py"):
+        if path.parent.name == "algorithms" or path.name == "config.py":
+            continue
+        text = path.read_text()
+        assert "algorithm.name" not in text and "alg.name" not in text, path

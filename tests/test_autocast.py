@@ -7,28 +7,30 @@ import pytest
 import torch
 from test_trainer import distinct_chars, make_cfg
 
-from grpo import trainer as trainer_mod
-from grpo.modeling import load_model_and_tokenizer
-from grpo.objective import batch_logp, rollout_to_batch
+from grpo import runtime as runtime_mod
+from grpo.config import ConfigError
+from grpo.hf import load_model_and_tokenizer
+from grpo.logprobs import batch_logp
 from grpo.rollout.torch_engine import TorchEngine
-from grpo.trainer import GRPOTrainer, autocast_factory
-from grpo.types import SamplingParams
+from grpo.runtime import Runtime
+from grpo.trainer import GRPOTrainer
+from grpo.types import Batch, SamplingParams
 
 BF16_TOL = {"rtol": 1.6e-2, "atol": 1e-5}  # torch.testing's defaults for bfloat16
 needs_bf16 = pytest.mark.skipif(
-    not trainer_mod.native_bf16(torch.device("cpu")), reason="this CPU has no native bfloat16"
+    not runtime_mod.native_bf16(torch.device("cpu")), reason="this CPU has no native bfloat16"
 )
 
 
 def test_autocast_none_is_a_null_context():
-    with autocast_factory("none", torch.device("cpu"))():
+    with Runtime.from_settings("cpu", "none").autocast():
         assert not torch.is_autocast_enabled("cpu")
 
 
 def test_autocast_refused_without_native_bf16(monkeypatch):
-    monkeypatch.setattr(trainer_mod, "native_bf16", lambda device: False)
-    with pytest.raises(ValueError, match=r"model.autocast: 'bfloat16' needs native bfloat16"):
-        autocast_factory("bfloat16", torch.device("cpu"))
+    monkeypatch.setattr(runtime_mod, "native_bf16", lambda device: False)
+    with pytest.raises(ConfigError, match=r"model.autocast = 'bfloat16' needs native bfloat16"):
+        Runtime.from_settings("cpu", "bfloat16")
 
 
 def test_config_rejects_unknown_autocast(tmp_path):
@@ -41,7 +43,7 @@ def test_every_forward_pass_runs_in_bf16_and_state_stays_fp32(tiny_model_dir, tm
     cfg = make_cfg(tiny_model_dir, tmp_path, "model.autocast=bfloat16", "algorithm.beta=0.04")
     t = GRPOTrainer(cfg, reward_functions=[distinct_chars])
     seen = []  # (model, grad enabled, output dtype) of one MLP projection per forward call
-    for name, m in (("policy", t.model), ("reference", t.ref_model)):
+    for name, m in (("policy", t.model), ("reference", t.reference.module)):
         m.model.layers[0].mlp.down_proj.register_forward_hook(
             lambda mod, args, out, name=name: seen.append(
                 (name, torch.is_grad_enabled(), out.dtype)
@@ -70,9 +72,9 @@ def test_bf16_log_probs_and_rollout_agree_with_fp32(tiny_model_dir):
     calls = []
     original = model.set_attn_implementation
     model.set_attn_implementation = lambda impl: (calls.append(impl), original(impl))[1]
-    with autocast_factory("bfloat16", torch.device("cpu"))():
+    with Runtime.from_settings("cpu", "bfloat16").autocast():
         rollout = TorchEngine().generate(model, prompts, p, torch.Generator().manual_seed(0))
-        batch = rollout_to_batch(rollout)
+        batch = Batch.from_rollout(rollout)
         logp_bf16, _ = batch_logp(model, batch, temperature=1.0)
     # bf16 decoding on a CPU swaps in eager attention and puts the model's own back
     assert calls == ["eager", "sdpa"] and model.config._attn_implementation == "sdpa"
@@ -89,13 +91,13 @@ def test_ppo_critic_forward_runs_in_bf16_and_its_state_stays_fp32(tiny_model_dir
     cfg = make_cfg(tiny_model_dir, tmp_path, "model.autocast=bfloat16", "algorithm.name=ppo")
     t = GRPOTrainer(cfg, reward_functions=[distinct_chars])
     seen = []  # (grad enabled, autocast on, output dtype) per critic forward
-    t.critic.model.backbone.layers[0].mlp.down_proj.register_forward_hook(
+    t.algorithm.critic.model.backbone.layers[0].mlp.down_proj.register_forward_hook(
         lambda mod, args, out: seen.append((torch.is_grad_enabled(), out.dtype))
     )
     row = t.train_step()
     assert torch.isfinite(torch.tensor(row["value_loss"]))
     # the values for GAE (no grad), then the value update's forward (grad): both bf16
     assert set(seen) == {(False, torch.bfloat16), (True, torch.bfloat16)}
-    critic = t.critic.model
+    critic = t.algorithm.critic.model
     assert {p.dtype for p in critic.parameters()} == {torch.float32}
     assert {p.grad.dtype for p in critic.parameters() if p.grad is not None} == {torch.float32}

@@ -2,6 +2,7 @@
 
 import pytest
 
+from grpo.algorithms import several_updates
 from grpo.config import ConfigError, build_config, load_config, parse_overrides
 
 
@@ -11,7 +12,7 @@ def test_defaults_are_the_papers():
     assert cfg.algorithm.clip_high == cfg.algorithm.epsilon == 0.2  # eps_high defaults to eps
     assert cfg.algorithm.scale_rewards == "group" and cfg.algorithm.loss_type == "grpo"
     assert cfg.completions_per_step == 8 * 8
-    assert not cfg.needs_old_logp  # mu = 1, one mini-batch: ratio exactly 1
+    assert not several_updates(cfg)  # mu = 1, one mini-batch: ratio exactly 1
 
 
 def test_yaml_file_and_overrides(tmp_path):
@@ -23,7 +24,7 @@ def test_yaml_file_and_overrides(tmp_path):
     assert cfg.algorithm.beta == 0.0  # the override wins over the file
     assert cfg.algorithm.clip_high == 0.28
     assert cfg.rollout.num_generations == 4 and cfg.run.seed == 7
-    assert cfg.needs_old_logp  # two mini-batches: the policy moves before the second
+    assert several_updates(cfg)  # two mini-batches: the policy moves before the second
 
 
 def test_parse_overrides_reads_yaml_values():

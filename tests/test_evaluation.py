@@ -3,7 +3,7 @@
 import pytest
 
 from grpo.evaluation import evaluate, majority_answer, pass_at_k
-from grpo.modeling import load_model_and_tokenizer
+from grpo.hf import load_model_and_tokenizer
 from grpo.tasks import get_task
 
 

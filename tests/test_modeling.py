@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from grpo.hf import load_model_and_tokenizer
 from grpo.modeling import (
     DEFAULT_ALPHABET,
     build_char_tokenizer,
     build_tiny_model,
     init_model_dir,
-    load_model_and_tokenizer,
 )
 
 

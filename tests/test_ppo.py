@@ -8,16 +8,10 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModel
 
-from grpo.advantages import gae
-from grpo.losses import Normaliser
+from grpo.advantages import gae, kl_penalised_token_rewards
+from grpo.algorithms.ppo import VALUE_HEAD_FILE, ValueModel
+from grpo.losses import Normaliser, unclipped_surrogate, value_loss
 from grpo.modeling import build_char_tokenizer
-from grpo.ppo import (
-    VALUE_HEAD_FILE,
-    ValueModel,
-    kl_penalised_token_rewards,
-    unclipped_surrogate,
-    value_loss,
-)
 
 NAN = math.nan
 

@@ -249,8 +249,8 @@ def test_verifier_adapter_gives_the_task_step_scores():
 
 def test_doctests_in_docstrings_hold():
     import grpo.rewards.models
-    import grpo.steps
+    import grpo.rewards.process
 
-    for module in (grpo.rewards.models, grpo.steps):
+    for module in (grpo.rewards.models, grpo.rewards.process):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0

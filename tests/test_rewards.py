@@ -366,7 +366,7 @@ def test_code_execution_output_cannot_fake_the_count():
 
 @pytest.mark.parametrize(
     "module",
-    [grpo.rewards.scoring, grpo.rewards.math, grpo.rewards.format, grpo.rewards.code],
+    [grpo.rewards.text, grpo.rewards.math, grpo.rewards.format, grpo.rewards.code],
     ids=lambda m: m.__name__,
 )
 def test_docstring_examples(module):

@@ -67,14 +67,14 @@ def test_groups_of_one_and_a_partial_group(model):
 
 @pytest.mark.parametrize("share_prompt", [True, False])
 def test_length_buckets_give_the_same_numbers(model, share_prompt, monkeypatch):
-    from grpo import objective
-    from grpo.objective import batch_logp, length_buckets
+    from grpo import logprobs
+    from grpo.logprobs import batch_logp, length_buckets
     from grpo.types import Batch
 
-    monkeypatch.setattr(objective, "CALL_POSITIONS", 0)  # calls are free: only prompts cost
+    monkeypatch.setattr(logprobs, "CALL_POSITIONS", 0)  # calls are free: only prompts cost
     seen = []
     monkeypatch.setattr(
-        objective, "length_buckets", lambda *a: seen.append(length_buckets(*a)) or seen[-1]
+        logprobs, "length_buckets", lambda *a: seen.append(length_buckets(*a)) or seen[-1]
     )
     ids, mask, groups, t = grouped_batch(b=2, g=4, p=5, t=8)
     mask[0, -6:] = 0  # lengths 2, 4, 8, 8 | 8, 3, 8, 1: padding worth trimming
@@ -108,7 +108,7 @@ def test_length_buckets_cost_equals_brute_force_minimum():
     the sorted rows into runs (cuts only between different lengths can help)."""
     import itertools
 
-    from grpo.objective import length_buckets
+    from grpo.logprobs import length_buckets
 
     def cost(chunks, lengths, extra):
         return sum(len(c) * int(lengths[c].max()) for c in chunks) + extra * (len(chunks) - 1)
@@ -134,7 +134,7 @@ def test_length_buckets_cost_equals_brute_force_minimum():
 
 def test_critic_values_and_gradients_with_the_prompt_run_once():
     """PPO's value model on the shared prompt gives the full forward's values and gradients."""
-    from grpo.ppo import ValueModel
+    from grpo.algorithms.ppo import ValueModel
 
     tok = build_char_tokenizer()
     lm = build_tiny_model(tok, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from grpo.advantages import process_advantages
 from grpo.modeling import build_char_tokenizer
-from grpo.steps import char_to_token_ends, step_tensors
+from grpo.rewards.process import char_to_token_ends, step_tensors
 from grpo.tasks.arithmetic import split_steps, step_rewards
 
 COMPLETION = "7+5+0=12\n4+8+1=13\nA:132"  # steps end at characters 7, 16, 22

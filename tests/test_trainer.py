@@ -7,10 +7,9 @@ import signal
 import pytest
 import torch
 
-from grpo import trainer as trainer_mod
 from grpo.config import build_config
+from grpo.hf import load_model_and_tokenizer
 from grpo.metrics import read_jsonl
-from grpo.modeling import load_model_and_tokenizer
 from grpo.trainer import GRPOTrainer
 
 
@@ -66,35 +65,44 @@ def test_trains_logs_and_saves(tiny_model_dir, tmp_path):
 
 def test_beta_zero_loads_no_reference(tiny_model_dir, tmp_path):
     t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.beta=0"))
-    assert t.ref_model is None
+    assert t.reference is None
     assert "kl" not in t.train_step()
 
 
-def test_old_logp_only_computed_when_needed(tiny_model_dir, tmp_path, monkeypatch):
+def count_passes(t):
+    """Record which no-grad log-prob passes a step runs: the old policy's, the reference's."""
     calls = []
-    original = trainer_mod.batched_logp
 
-    def counting(model, *args, **kwargs):
-        calls.append(model)
-        return original(model, *args, **kwargs)
+    def counting(name, method):
+        def wrapped(*args, **kwargs):
+            calls.append(name)
+            return method(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "batched_logp", counting)
-    t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.beta=0"))
+        return wrapped
+
+    t.policy.logp_no_grad = counting("old", t.policy.logp_no_grad)
+    if t.reference is not None:
+        t.reference.logp = counting("ref", t.reference.logp)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("extra", "passes"),
+    [
+        (["algorithm.beta=0"], []),  # mu = 1, beta = 0: no extra forward pass at all
+        (["algorithm.num_iterations=2"], ["old", "ref"]),  # old policy once, reference once
+        # RLOO's KL in the reward takes the sampling log-probs the engine already returned...
+        (["algorithm.name=rloo"], ["ref"]),
+        # ...unless top-k sampled from a truncated distribution, which is not the policy's
+        (["algorithm.name=rloo", "rollout.top_k=5"], ["old", "ref"]),
+        (["algorithm.name=ppo", "rollout.top_p=0.9"], ["old", "ref"]),
+    ],
+)
+def test_old_logp_only_computed_when_needed(tiny_model_dir, tmp_path, extra, passes):
+    t = make_trainer(make_cfg(tiny_model_dir, tmp_path, *extra))
+    calls = count_passes(t)
     t.train_step()
-    assert calls == []  # mu = 1, beta = 0: no extra forward pass at all
-    t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.num_iterations=2"))
-    t.train_step()
-    assert calls == [t.model, t.ref_model]  # old policy once after sampling, reference once
-    # RLOO's KL in the reward takes the sampling log-probs the engine already returned...
-    calls.clear()
-    t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.name=rloo"))
-    t.train_step()
-    assert calls == [t.ref_model]
-    # ...unless top-k sampled from a truncated distribution, which is not the policy's
-    calls.clear()
-    t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.name=rloo", "rollout.top_k=5"))
-    t.train_step()
-    assert calls == [t.model, t.ref_model]
+    assert calls == passes
 
 
 def test_mu_and_minibatches_clip(tiny_model_dir, tmp_path):
@@ -108,10 +116,11 @@ def test_reference_reset_follows_policy(tiny_model_dir, tmp_path):
     t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.ref_reset_every=2"))
     t.train_step()
     t.step = 1
-    pairs = list(zip(t.ref_model.parameters(), t.model.parameters(), strict=True))
+    ref = t.reference.module
+    pairs = list(zip(ref.parameters(), t.model.parameters(), strict=True))
     assert any(not torch.equal(a, b) for a, b in pairs)
     t.train_step()  # the second step ends with a reset
-    for a, b in zip(t.ref_model.parameters(), t.model.parameters(), strict=True):
+    for a, b in zip(ref.parameters(), t.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -148,23 +157,26 @@ def test_resume_without_checkpoint_says_where(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("loss_type", ["grpo", "token_mean", "dr_grpo"])
 def test_micro_batches_give_the_one_pass_gradient(tiny_model_dir, tmp_path, loss_type):
     """Gradient accumulation through the real model: 4 micro-batches == 1 pass."""
+    from grpo.algorithms.objective import policy_loss
     from grpo.losses import Normaliser
-    from grpo.trainer import policy_loss
+    from grpo.types import Batch
 
     cfg = make_cfg(tiny_model_dir, tmp_path, f"algorithm.loss_type={loss_type}")
     t = make_trainer(cfg)
     idx = t.sampler.next(2)
     rollout = t.engine.generate(t.model, [t.prompt_ids[i] for i in idx], t.sampling, t.generator)
     adv = torch.linspace(-1, 1, rollout.completion_ids.shape[0])[:, None]  # [N, 1]
-    mb = trainer_mod.rollout_to_batch(rollout)
+    mb = Batch.from_rollout(rollout)
     mb.advantages = adv.expand_as(mb.completion_mask) * mb.completion_mask  # [N, T]
-    mb.ref_logp = trainer_mod.batched_logp(t.ref_model, mb, 8, 1.0)
+    mb.ref_logp = t.reference.logp(mb, 8)
     norm = Normaliser.from_mask(mb.completion_mask, cfg.rollout.max_completion_length)
 
     def grads(parts):
         t.model.zero_grad()
         for rows in parts:
-            policy_loss(t.model, mb.rows(rows), cfg, norm).loss.backward()
+            part = mb.rows(rows)
+            logp, _ = t.policy.logp(part)
+            policy_loss(logp, None, part, t.algorithm, cfg.algorithm, norm).loss.backward()
         return [p.grad.clone() for p in t.model.parameters()]
 
     whole = grads([slice(0, 8)])

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from grpo.losses import kl_divergence
+
 SCALES = ("group", "batch", "none")
 
 
@@ -240,3 +242,43 @@ def kl_penalised_scores(
     """
     log_ratio = torch.where(mask.bool(), logp - ref_logp, 0.0)  # [N, T], k1 per token
     return scores - beta * log_ratio.sum(dim=1)  # [N]
+
+
+def kl_penalised_token_rewards(
+    scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, beta: float
+) -> Tensor:
+    """InstructGPT's per-token reward: ``-beta * (logp - ref_logp)``, plus the score at the end.
+
+    ``r_t = -beta * log(pi(o_t) / pi_ref(o_t))`` on every real token (the k1 KL estimate,
+    Ouyang et al. 2022 eq. 2 spread over tokens, as TRL's PPO), and completion i's score
+    ``scores[i]`` is added on its last real token. Rewards are data: pass log-probs
+    computed without gradient (at sampling time).
+
+    Args:
+        scores: ``[N]`` reward of each completion.
+        logp: ``[N, T]`` log-probs of the sampled tokens under the sampling policy.
+        ref_logp: ``[N, T]`` log-probs of the same tokens under the frozen reference.
+        mask: ``[N, T]`` 1 on real completion tokens (right-padded); padding may hold NaN.
+        beta: KL coefficient.
+
+    Returns:
+        ``[N, T]`` per-token rewards, 0 on padding; a completion with no real token gets
+        nothing, its score included.
+
+    >>> kl_penalised_token_rewards(
+    ...     torch.tensor([1.0]), torch.tensor([[-1.0, -2.0]]), torch.tensor([[-2.0, -2.0]]),
+    ...     torch.tensor([[1, 1]]), beta=0.5)
+    tensor([[-0.5000,  1.0000]])
+    """
+    m = mask.bool()  # [N, T]
+    rewards = torch.where(m, -beta * kl_divergence(logp, ref_logp, "k1"), 0.0)  # [N, T]
+    lengths = m.sum(dim=1)  # [N]
+    last = (lengths - 1).clamp(min=0).unsqueeze(1)  # [N, 1], index of the last real token
+    at_end = torch.where(lengths > 0, scores, 0.0).to(rewards.dtype).unsqueeze(1)  # [N, 1]
+    return rewards.scatter_add(1, last, at_end)  # [N, T]
+
+
+def informative_groups(rewards: Tensor) -> Tensor:
+    """[B, G] rewards -> [B] bool: groups whose rewards differ (DAPO's dynamic sampling
+    keeps only these; an all-equal group has zero advantage and teaches nothing)."""
+    return (rewards.max(dim=1).values - rewards.min(dim=1).values) > 0

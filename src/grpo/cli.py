@@ -34,7 +34,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
-    from grpo.modeling import load_model_and_tokenizer
+    from grpo.hf import load_model_and_tokenizer
     from grpo.sft import supervised_finetune
     from grpo.tasks import get_task
 
@@ -58,8 +58,8 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from grpo.evaluation import evaluate_task
-    from grpo.modeling import load_model_and_tokenizer
+    from grpo.evaluation import evaluate_task, print_table
+    from grpo.hf import load_model_and_tokenizer
 
     _threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -70,21 +70,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
-
-
-def print_table(results: dict[str, dict]) -> None:
-    from rich.table import Table
-
-    table = Table(title="held-out evaluation")
-    table.add_column("model")
-    for col in ("greedy accuracy", "sampled accuracy", "pass@k", "maj@k"):
-        table.add_column(col, justify="right")
-    for name, r in results.items():
-        table.add_row(
-            name,
-            *(f"{r[key]:.1%}" for key in ("accuracy", "sampled_accuracy", "pass_at_k", "maj_at_k")),
-        )
-    console.print(table)
 
 
 def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:

@@ -15,15 +15,20 @@ from pathlib import Path
 
 from grpo.metrics import read_jsonl
 
-ARMS: dict[str, list[str]] = {
-    "grpo": ["algorithm.name=grpo"],
-    "ppo": ["algorithm.name=ppo"],
-    "rloo": ["algorithm.name=rloo"],
-    "grpo-process": ["algorithm.name=grpo", "algorithm.advantage=process"],
+ARMS: dict[str, dict[str, str]] = {
+    "grpo": {"name": "grpo"},
+    "ppo": {"name": "ppo"},
+    "rloo": {"name": "rloo"},
+    "grpo-process": {"name": "grpo", "advantage": "process"},
 }
-"""Arm name -> the overrides that select it (``grpo-process``: eq. V.I vs outcome)."""
+"""Arm name -> the ``algorithm`` settings that select it (``grpo-process``: eq. V.I)."""
 
-SPLIT = ("time/generation", "time/scoring_and_reference", "time/update")
+PHASES = {
+    "generation": ("time/generation",),
+    "scoring_and_reference": ("time/scoring", "time/old_logp", "time/reference", "time/advantages"),
+    "update": ("time/update",),
+}
+"""The comparison's three phases of a step, from the trainer's ``time/*`` metrics."""
 
 
 def run_arm(config: str | None, overrides: list[str], arm: str, output_dir: Path) -> Path:
@@ -32,7 +37,8 @@ def run_arm(config: str | None, overrides: list[str], arm: str, output_dir: Path
         raise ValueError(f"unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
     run_dir = output_dir / arm
     cmd = [sys.executable, "-m", "grpo.cli", "train", *([config] if config else [])]
-    cmd += [*overrides, *ARMS[arm], f"run.output_dir={run_dir}", "run.progress=false"]
+    selects = [f"algorithm.{k}={v}" for k, v in ARMS[arm].items()]
+    cmd += [*overrides, *selects, f"run.output_dir={run_dir}", "run.progress=false"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"arm {arm!r} failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
@@ -53,7 +59,10 @@ def summarise(run_dir: Path) -> dict:
         "model_and_optimizer_bytes": steps[-1]["memory/model_and_optimizer_bytes"],
         "trained_parameters": steps[-1]["trained_parameters"],
         "s_per_step": statistics.median(r["step_time"] for r in steps),
-        **{f"s_{k.split('/')[1]}": statistics.median(r[k] for r in steps) for k in SPLIT},
+        **{
+            f"s_{phase}": statistics.median(sum(r[k] for k in keys) for r in steps)
+            for phase, keys in PHASES.items()
+        },
         "accuracy_before": evals[0][1] if evals else None,
         "accuracy_after": evals[-1][1] if evals else None,
         "reward_first_10pct": statistics.fmean(r["reward"] for r in steps[:tenth]),

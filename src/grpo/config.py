@@ -152,16 +152,6 @@ class AlgorithmConfig(_Section):
     def clip_high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
-    @property
-    def kl_in_loss(self) -> bool:
-        """GRPO puts beta * KL in the loss (eq. IV.I); RLOO and PPO put it in the reward."""
-        return self.name == "grpo" and self.beta > 0
-
-    @property
-    def clipped(self) -> bool:
-        """RLOO is plain REINFORCE with a baseline: no ratio clipping."""
-        return self.name != "rloo"
-
 
 class OptimConfig(_Section):
     learning_rate: float = Field(default=1e-6, gt=0)
@@ -257,19 +247,6 @@ class Config(_Section):
     @property
     def completions_per_step(self) -> int:
         return self.rollout.prompts_per_step * self.rollout.num_generations
-
-    @property
-    def needs_old_logp(self) -> bool:
-        """Whether the trainer runs the policy once more right after sampling.
-
-        One optimizer step per rollout batch makes the ratio exactly 1 (old = logp.detach()).
-        RLOO and PPO need the sampling policy's log-probs for the KL in the reward, but the
-        engine already returns them, unless top-k / top-p sampled from a truncated
-        distribution that is not the policy's."""
-        several_updates = self.algorithm.num_iterations > 1 or self.optim.num_minibatches > 1
-        kl_in_reward = self.algorithm.name != "grpo" and self.algorithm.beta > 0
-        truncated_sampling = self.rollout.top_k > 0 or self.rollout.top_p < 1
-        return several_updates or (kl_in_reward and truncated_sampling)
 
 
 def _format_errors(err: ValidationError) -> str:

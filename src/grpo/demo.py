@@ -66,10 +66,10 @@ def run_demo(
     output_dir: Path, fast: bool = False, threads: int = 0, plan: DemoPlan | None = None
 ) -> dict:
     """Run every stage into ``output_dir`` and return the summary written to summary.json."""
-    from grpo.cli import print_table
     from grpo.config import build_config
-    from grpo.evaluation import evaluate_task, greedy_accuracy, periodic_task_eval
-    from grpo.modeling import init_model_dir, load_model_and_tokenizer
+    from grpo.evaluation import evaluate_task, greedy_accuracy, periodic_task_eval, print_table
+    from grpo.hf import load_model_and_tokenizer
+    from grpo.modeling import init_model_dir
     from grpo.report import plot_run
     from grpo.sft import supervised_finetune
     from grpo.tasks import get_task

@@ -182,3 +182,20 @@ def periodic_task_eval(cfg) -> Callable | None:
         }
 
     return eval_fn
+
+
+def print_table(results: dict[str, dict]) -> None:
+    """Held-out results of one or more models as a table on the console (stderr)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="held-out evaluation")
+    table.add_column("model")
+    for col in ("greedy accuracy", "sampled accuracy", "pass@k", "maj@k"):
+        table.add_column(col, justify="right")
+    for name, r in results.items():
+        table.add_row(
+            name,
+            *(f"{r[key]:.1%}" for key in ("accuracy", "sampled_accuracy", "pass_at_k", "maj_at_k")),
+        )
+    Console(stderr=True).print(table)

@@ -11,10 +11,11 @@ T completion tokens (right-padded), V vocabulary.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor
+
+from grpo.hf import cache_argument, keep_last, main_output, output_cache, pad_to, position_ids
+from grpo.types import Batch
 
 CHUNK_ELEMENTS = 1 << 24
 """Logit entries (rows x T x V) handled at once; bounds the temporaries of each chunk."""
@@ -97,14 +98,13 @@ def completion_logp(
         ``(logp [N, T], entropy [N, T] or None)``; padded completion positions hold values
         that the completion mask must remove.
     """
-    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [N, P + T]
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=completion_length + 1,
+        position_ids=position_ids(attention_mask),  # [N, P + T]
         use_cache=False,
-    ).logits  # [N, T + 1, V]
+        **keep_last(model, completion_length + 1),
+    ).logits[:, -completion_length - 1 :]  # [N, T + 1, V]
     logits = logits[:, :-1]  # [N, T, V]: the logit at position t scores completion token t
     return _score_completion(logits, input_ids[:, -completion_length:], temperature, with_entropy)
 
@@ -118,13 +118,6 @@ def _score_completion(
         with torch.no_grad():
             entropy = token_entropy(logits, temperature)  # [N, T]
     return logp, entropy
-
-
-def cache_argument(model: torch.nn.Module) -> str:
-    """The forward argument that takes a KV cache: transformers 5 calls it ``cache``
-    (``past_key_values`` is deprecated); older or remote-code models use the old name."""
-    names = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in names else "past_key_values"
 
 
 def shared_prefix_logp(
@@ -181,17 +174,16 @@ def shared_prefix_outputs(
     first = torch.cumsum(counts, 0) - counts  # [b] first row of each group
     row_group = torch.repeat_interleave(torch.arange(len(counts)), counts)  # [n]
     prompt_mask = attention_mask[first, :p]  # [b, P]
-    names = inspect.signature(model.forward).parameters
     out = model(
         input_ids=input_ids[first, :p],
         attention_mask=prompt_mask,
-        position_ids=(prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0),
+        position_ids=position_ids(prompt_mask),  # [b, P]
         use_cache=True,
-        **({"logits_to_keep": 1} if "logits_to_keep" in names else {}),
+        **keep_last(model, 1),
     )
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache = output_cache(out)
     cache.reorder_cache(row_group)  # [b, ...] -> [n, ...], differentiable
-    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [n, P + T]
+    positions = position_ids(attention_mask)  # [n, P + T]
     rest = model(
         input_ids=input_ids[:, p:],
         attention_mask=attention_mask,
@@ -199,12 +191,119 @@ def shared_prefix_outputs(
         use_cache=True,
         **{cache_argument(model): cache},
     )  # [n, T, ...]
-    last, rest = _main_output(out), _main_output(rest)
+    last, rest = main_output(out), main_output(rest)
     # the prompt's last position scores completion token 0; completion position t, token t+1
     return torch.cat([last[row_group, -1:], rest[:, :-1]], dim=1)  # [n, T, ...]
 
 
-def _main_output(out) -> Tensor:
-    """Logits of a causal LM's output, else the last hidden state of a backbone's."""
-    logits = getattr(out, "logits", None)
-    return logits if logits is not None else out.last_hidden_state
+CALL_POSITIONS = 96
+"""The price of one more forward/backward call, in token positions: measured on 2 CPU
+cores, a call costs about 57 positions' worth of compute on a 25M Llama and 90-150 on a
+1M one (Python and per-kernel overhead that does not shrink with the call's size)."""
+
+
+def length_buckets(lengths: torch.Tensor, extra_call: float = CALL_POSITIONS) -> list:
+    """Split rows into sets of similar length, so a forward pass trims each set's padding.
+
+    Rows sorted by length are cut into contiguous runs, each padded to its longest row;
+    the cuts minimise the positions computed, ``sum(rows * longest)``, plus ``extra_call``
+    positions for every run after the first (an exact dynamic programme over the distinct
+    lengths). Within a run rows keep their batch order, so a group's rows stay contiguous
+    for prompt sharing.
+
+    Args:
+        lengths: ``[n]`` real tokens of each completion.
+        extra_call: the price of one more forward call, in positions (include any prompt
+            positions that call recomputes).
+
+    Returns:
+        ``[n_c]`` row-index tensors, one per run, shortest first.
+
+    >>> [c.tolist() for c in length_buckets(torch.tensor([64, 10, 12, 64, 11, 64, 9, 64]))]
+    [[1, 2, 4, 6], [0, 3, 5, 7]]
+    """
+    order = torch.argsort(lengths, stable=True)  # [n]
+    values, counts = torch.unique_consecutive(lengths[order], return_counts=True)  # [m]
+    values, rows_upto = values.tolist(), [0, *torch.cumsum(counts, 0).tolist()]
+    # best[k]: cheapest split of the rows of the k shortest lengths; cut[k]: where its last
+    # run starts (an index into rows_upto)
+    best, cut = [0.0], [0]
+    for k in range(1, len(values) + 1):
+        costs = [
+            best[j] + (rows_upto[k] - rows_upto[j]) * values[k - 1] + (extra_call if j else 0)
+            for j in range(k)
+        ]
+        j = min(range(k), key=costs.__getitem__)
+        best.append(costs[j])
+        cut.append(j)
+    bounds, k = [], len(values)
+    while k > 0:
+        bounds.append((rows_upto[cut[k]], rows_upto[k]))
+        k = cut[k]
+    return [order[a:b].sort().values for a, b in reversed(bounds)]
+
+
+def batch_logp(
+    model,
+    batch: Batch,
+    temperature: float,
+    with_entropy: bool = False,
+    share_prompt: bool = True,
+    bucket: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) ``[n, T]`` of ``batch``'s completions.
+
+    ``share_prompt``: each group's prompt runs once (same numbers, fewer FLOPs).
+    ``bucket``: rows of similar length run together, each set trimmed to its longest
+    completion, so little padding is computed (same numbers; positions past a row's end
+    hold 0).
+    """
+    lengths = batch.completion_mask.sum(dim=1).long()  # [n]
+    chunks = []
+    if bucket and batch.num_completions > 1:
+        shared = share_prompt and batch.group_ids is not None
+        # a shared prompt runs once per call that holds one of its rows: up to once more
+        groups = len(torch.unique_consecutive(batch.group_ids)) if shared else 0
+        prompt = batch.input_ids.shape[1] - batch.completion_length
+        chunks = length_buckets(lengths, CALL_POSITIONS + groups * prompt)
+    if len(chunks) <= 1:
+        args = (model, batch.input_ids, batch.attention_mask, batch.completion_length)
+        if share_prompt and batch.group_ids is not None:
+            return shared_prefix_logp(*args, batch.group_ids, temperature, with_entropy)
+        return completion_logp(*args, temperature=temperature, with_entropy=with_entropy)
+    t, p = batch.completion_length, batch.input_ids.shape[1] - batch.completion_length
+    logp_parts, entropy_parts = [], []
+    for rows in chunks:
+        width = max(1, int(lengths[rows].max()))
+        sub = batch.rows(rows)
+        sub.input_ids, sub.attention_mask = (
+            sub.input_ids[:, : p + width],
+            sub.attention_mask[:, : p + width],
+        )
+        sub.completion_mask = sub.completion_mask[:, :width]
+        logp, entropy = batch_logp(
+            model, sub, temperature, with_entropy, share_prompt, bucket=False
+        )
+        logp_parts.append(pad_to(logp, t))  # [n_c, T]
+        if entropy is not None:
+            entropy_parts.append(pad_to(entropy, t))
+    inverse = torch.argsort(torch.cat(chunks))  # [n]: back to batch order
+    entropy = torch.cat(entropy_parts)[inverse] if with_entropy else None
+    return torch.cat(logp_parts)[inverse], entropy
+
+
+@torch.no_grad()
+def batched_logp(
+    model,
+    batch: Batch,
+    micro_size: int,
+    temperature: float,
+    share_prompt: bool = True,
+    bucket: bool = True,
+) -> torch.Tensor:
+    """Log-probs of the batch's completions under ``model``, micro-batch by micro-batch."""
+    parts = [
+        batch_logp(model, mb, temperature, share_prompt=share_prompt, bucket=bucket)[0]
+        for mb in batch.micro_batches(micro_size)
+    ]
+    return torch.cat(parts)  # [N, T]

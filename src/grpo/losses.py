@@ -191,3 +191,85 @@ def aggregate(
     if mode == "dr_grpo":
         return masked.sum() / (norm.num_completions * norm.max_completion_length)
     raise ValueError(f"mode (loss_type) must be one of {LOSS_TYPES}, got {mode!r}")
+
+
+@dataclass
+class ValueLossOutput:
+    """Result of ``value_loss``."""
+
+    loss: Tensor
+    """Scalar loss to backpropagate (already halved; multiply by the value coefficient)."""
+    clip_frac: Tensor
+    """Detached scalar: fraction of real tokens where the clipped term is the larger one
+    (and the value gets no gradient); 0 without clipping."""
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_range: float | None = None,
+    norm: Normaliser | None = None,
+) -> ValueLossOutput:
+    """The critic's regression loss, ``0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2)``.
+
+    PPO (Schulman et al. 2017, eq. 9's ``L^VF``) regresses ``(V - R)^2``; the clipped
+    variant (OpenAI baselines ppo2, as cleanRL and TRL) keeps the new value within
+    ``clip_range`` of the value at sampling time, pessimistically. Token mean over the batch.
+
+    Args:
+        values: ``[n, T]`` values under the critic being trained.
+        old_values: ``[n, T]`` values at sampling time (no gradient).
+        returns: ``[n, T]`` regression targets, GAE's ``advantages + old_values``.
+        mask: ``[n, T]`` 1 on real completion tokens.
+        clip_range: ``c``; ``None`` regresses unclipped.
+        norm: the full batch's totals (``num_tokens`` divides); ``None`` uses these n rows',
+            which is right when they are the whole batch.
+
+    Returns:
+        ``ValueLossOutput(loss, clip_frac)``.
+    """
+    unclipped = (values - returns).pow(2)  # [n, T]
+    if clip_range is None:
+        per_token = 0.5 * unclipped  # [n, T]
+        is_clipped = torch.zeros_like(mask, dtype=torch.bool)  # [n, T]
+    else:
+        if clip_range < 0:
+            raise ValueError(f"clip_range must be >= 0 or None, got {clip_range}")
+        clipped_values = values.clamp(old_values - clip_range, old_values + clip_range)  # [n, T]
+        clipped = (clipped_values - returns).pow(2)  # [n, T]
+        per_token = 0.5 * torch.maximum(unclipped, clipped)  # [n, T]
+        is_clipped = clipped > unclipped  # [n, T]
+    norm = Normaliser.from_mask(mask, mask.shape[1]) if norm is None else norm
+    m = mask.bool()  # [n, T]
+    clip_frac = (is_clipped & m).sum() / m.sum().clamp(min=1)
+    loss = aggregate(per_token, mask, "token_mean", norm)
+    return ValueLossOutput(loss=loss, clip_frac=clip_frac.detach().float())
+
+
+def unclipped_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor) -> Tensor:
+    """Importance-weighted policy gradient without a clip, RLOO's loss (eq. VI.I: no clipping).
+
+    ``per_token_loss = -A * exp(logp - old_logp)``. With one optimizer step per rollout
+    batch (mu = 1) ``old_logp = logp.detach()``: the ratio is exactly 1, the loss's value is
+    ``-A``, and its gradient is ``-A * exp(0) * grad logp = -A * grad logp``, REINFORCE's
+    (Williams 1992) with a baseline. With mu > 1 the ratio corrects for the policy having
+    moved since sampling, unbounded (that is what PPO's clip bounds).
+
+    Args:
+        logp: ``[N, T]`` log-probs of the sampled tokens under the policy being trained.
+        old_logp: ``[N, T]`` log-probs under the policy that sampled them (no gradient).
+        adv: ``[N, T]`` per-token advantages.
+
+    Returns:
+        ``[N, T]`` per-token loss (padding is left to ``aggregate``'s mask).
+    """
+    ratio = torch.exp(logp - old_logp)  # [N, T]
+    return -adv * ratio  # [N, T]
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> float:
+    """Mean of ``x`` over positions where ``mask`` is 1, as a Python float (0 if empty)."""
+    total = mask.sum()
+    return float((x * mask).sum() / total) if total > 0 else 0.0

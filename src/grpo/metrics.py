@@ -9,19 +9,42 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 CONSOLE_KEYS = ("reward", "kl", "completions/mean_length", "tokens_per_s", "eval/accuracy")
 
 
-def masked_mean(x, mask) -> float:
-    """Mean of ``x`` over positions where ``mask`` is 1, as a Python float (0 if empty)."""
-    total = mask.sum()
-    return float((x * mask).sum() / total) if total > 0 else 0.0
+def current_rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc; 0 where it is unavailable)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * resource.getpagesize() / 2**20
+
+
+def memory_metrics(
+    models: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer], rss_at_start_mb: float
+) -> dict[str, float]:
+    """Peak resident memory, and the bytes held by the given models' weights and the
+    optimizers' states (shared parameters counted once)."""
+    params = {id(p): p for m in models for p in m.parameters()}.values()
+    states = (
+        t for o in optimizers for st in o.state.values() for t in st.values() if torch.is_tensor(t)
+    )
+    return {
+        "memory/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "memory/rss_at_start_mb": rss_at_start_mb,
+        "memory/model_and_optimizer_bytes": sum(p.numel() * p.element_size() for p in params)
+        + sum(t.numel() * t.element_size() for t in states),
+        "trained_parameters": sum(p.numel() for p in params if p.requires_grad),
+    }
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

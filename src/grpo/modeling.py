@@ -4,7 +4,7 @@ No hub download is possible in CI and a user without a GPU must still see GRPO l
 the default run builds its own model: a randomly initialised ``LlamaForCausalLM`` (or
 ``Qwen2ForCausalLM``) of about a million parameters over a character vocabulary, saved
 with ``save_pretrained`` so that every later stage loads it exactly like a hub model.
-``load_model_and_tokenizer`` is the one loader for both cases (local path or hub id).
+``grpo.hf.load_model_and_tokenizer`` is the one loader for both cases (local path or hub id).
 
 Tokenizer conventions (decided once, here):
 
@@ -28,8 +28,6 @@ from typing import Literal
 import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -175,7 +173,7 @@ def init_model_dir(
         **sizes: keyword arguments of ``build_tiny_model`` (``hidden_size``, ``seed``, ...).
 
     Returns:
-        ``path`` as a ``Path``, loadable by ``load_model_and_tokenizer``.
+        ``path`` as a ``Path``, loadable by ``grpo.hf.load_model_and_tokenizer``.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -184,22 +182,3 @@ def init_model_dir(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-def load_model_and_tokenizer(
-    path_or_id: str | Path, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load any causal LM and its tokenizer: a directory from ``init_model_dir`` or a hub id.
-
-    The tokenizer is made ready for batched generation: ``padding_side="left"`` and, when it
-    has no pad token (many base models), ``pad_token = eos_token``. The model's generation
-    config gets the same pad id.
-    """
-    model = AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from grpo.hf import pad_to
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -65,6 +67,39 @@ class Rollout:
     def completion_lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(dim=1)  # [N]
 
+    def select(self, keep: torch.Tensor) -> Rollout:
+        """The groups where ``keep [B]`` is True, whole (all G completions of each)."""
+        rows = keep.repeat_interleave(self.group_size)  # [N]
+        return Rollout(
+            prompt_ids=self.prompt_ids[keep],
+            prompt_mask=self.prompt_mask[keep],
+            completion_ids=self.completion_ids[rows],
+            completion_mask=self.completion_mask[rows],
+            sample_logp=self.sample_logp[rows],
+            truncated=self.truncated[rows],
+            group_size=self.group_size,
+        )
+
+    @staticmethod
+    def concat(parts: list[Rollout], pad_token_id: int) -> Rollout:
+        """Rollouts of the same G joined group after group: prompts re-left-padded to the
+        longest P, completions re-right-padded to the longest T (padding stays masked)."""
+        p = max(r.prompt_ids.shape[1] for r in parts)
+        t = max(r.completion_ids.shape[1] for r in parts)
+
+        def join(name: str, width: int, value: float, left: bool = False) -> torch.Tensor:
+            return torch.cat([pad_to(getattr(r, name), width, value, left) for r in parts])
+
+        return Rollout(
+            prompt_ids=join("prompt_ids", p, pad_token_id, left=True),
+            prompt_mask=join("prompt_mask", p, 0, left=True),
+            completion_ids=join("completion_ids", t, pad_token_id),
+            completion_mask=join("completion_mask", t, 0),
+            sample_logp=join("sample_logp", t, 0.0),
+            truncated=torch.cat([r.truncated for r in parts]),
+            group_size=parts[0].group_size,
+        )
+
 
 @dataclass
 class Batch:
@@ -82,6 +117,23 @@ class Batch:
     ref_logp: torch.Tensor | None = None  # [N, T] reference-model log-probs (beta > 0)
     group_ids: torch.Tensor | None = None  # [N] which prompt each row answers (contiguous)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-algorithm [N, T] terms
+
+    @classmethod
+    def from_rollout(cls, rollout: Rollout) -> Batch:
+        """Prompt (repeated per completion) + completion as one ``[N, P + T]`` sequence;
+        the advantages are filled in by the algorithm."""
+        g = rollout.group_size
+        prompt_ids = rollout.prompt_ids.repeat_interleave(g, dim=0)  # [N, P]
+        prompt_mask = rollout.prompt_mask.repeat_interleave(g, dim=0)  # [N, P]
+        mask = rollout.completion_mask.float()  # [N, T]
+        device = rollout.prompt_ids.device
+        return cls(
+            input_ids=torch.cat([prompt_ids, rollout.completion_ids], dim=1),  # [N, P + T]
+            attention_mask=torch.cat([prompt_mask.long(), mask.long()], dim=1),  # [N, P + T]
+            completion_mask=mask,
+            advantages=torch.zeros_like(mask),  # [N, T]
+            group_ids=torch.arange(rollout.num_prompts, device=device).repeat_interleave(g),
+        )
 
     @property
     def num_completions(self) -> int:
@@ -112,6 +164,42 @@ class Batch:
             group_ids=take(self.group_ids),
             extras={k: v[index] for k, v in self.extras.items()},
         )
+
+
+@dataclass
+class Scored:
+    """B groups of sampled completions with their decoded text and combined rewards."""
+
+    rows: list[dict]  # B dataset rows
+    rollout: Rollout  # N = B * G completions
+    ids: list[list[int]]  # N completion token ids, padding removed
+    texts: list[str]  # N decoded completions
+    rewards: torch.Tensor  # [B, G] combined reward, after shaping
+
+    def select(self, keep: torch.Tensor) -> Scored:
+        """The groups where ``keep [B]`` is True."""
+        rows = keep.repeat_interleave(self.rollout.group_size).tolist()  # [N]
+        return Scored(
+            rows=[r for r, k in zip(self.rows, keep.tolist(), strict=True) if k],
+            rollout=self.rollout.select(keep),
+            ids=[x for x, k in zip(self.ids, rows, strict=True) if k],
+            texts=[x for x, k in zip(self.texts, rows, strict=True) if k],
+            rewards=self.rewards[keep],
+        )
+
+    @staticmethod
+    def concat(parts: list[Scored], pad_token_id: int) -> Scored:
+        return Scored(
+            rows=[r for p in parts for r in p.rows],
+            rollout=Rollout.concat([p.rollout for p in parts], pad_token_id),
+            ids=[x for p in parts for x in p.ids],
+            texts=[x for p in parts for x in p.texts],
+            rewards=torch.cat([p.rewards for p in parts]),
+        )
+
+    @property
+    def num_groups(self) -> int:
+        return self.rewards.shape[0]
 
 
 @dataclass

@@ -16,12 +16,12 @@ from .scoring import (
     RewardError,
     RewardFunction,
     RewardOutput,
-    completion_text,
     load_reward_function,
     register_reward,
     reward_name,
     score,
 )
+from .text import completion_text
 
 __all__ = [
     "REWARDS",

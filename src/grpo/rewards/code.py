@@ -34,7 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .scoring import completion_text, register_reward
+from .scoring import register_reward
+from .text import completion_text
 
 DEFAULT_TIMEOUT = 5.0
 """Wall-clock seconds one sample may run (its program and all of its tests)."""

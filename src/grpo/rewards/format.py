@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .math import last_boxed
-from .scoring import completion_text, register_reward
+from .scoring import register_reward
+from .text import completion_text
 
 _OPEN, _CLOSE = "<think>", "</think>"
 

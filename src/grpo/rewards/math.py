@@ -13,7 +13,8 @@ from typing import Any
 
 from math_verify import parse, verify
 
-from .scoring import completion_text, register_reward
+from .scoring import register_reward
+from .text import completion_text
 
 
 @register_reward("math_accuracy")

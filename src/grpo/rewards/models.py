@@ -40,8 +40,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from grpo.rewards.scoring import completion_text
-from grpo.steps import char_to_token_ends
+from grpo.rewards.process import char_to_token_ends
+from grpo.rewards.text import completion_text
 from grpo.tasks.arithmetic import split_steps
 
 PRM_MODES = ("token", "sequence")

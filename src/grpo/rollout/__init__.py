@@ -17,7 +17,13 @@ from grpo.types import Rollout, SamplingParams
 
 
 class Engine(Protocol):
-    """Samples ``params.num_generations`` completions for each prompt."""
+    """Samples ``params.num_generations`` completions for each prompt, and has a lifecycle:
+    ``sync`` after each optimizer step (an engine with its own copy of the weights reloads
+    them), ``close`` at the end of a run."""
+
+    exact_logp: bool
+    """Whether ``Rollout.sample_logp`` equals the policy's log-probs when sampling is not
+    truncated (top-k / top-p): then no extra forward pass is needed for them."""
 
     def generate(
         self,
@@ -27,6 +33,14 @@ class Engine(Protocol):
         generator: torch.Generator | None = None,
     ) -> Rollout:
         """B token-id prompts -> Rollout with N = B*G completion rows, grouped by prompt."""
+        ...
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Take the policy's new weights (called after every optimizer step)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine holds (called once, when the run ends)."""
         ...
 
 
@@ -52,42 +66,4 @@ def make_engine(name: str, **kwargs: object) -> Engine:
     return ENGINES[name](**kwargs)
 
 
-def select_groups(rollout: Rollout, keep: torch.Tensor) -> Rollout:
-    """The groups where ``keep [B]`` is True, whole (all G completions of each)."""
-    g = rollout.group_size
-    rows = keep.repeat_interleave(g)  # [N]
-    return Rollout(
-        prompt_ids=rollout.prompt_ids[keep],
-        prompt_mask=rollout.prompt_mask[keep],
-        completion_ids=rollout.completion_ids[rows],
-        completion_mask=rollout.completion_mask[rows],
-        sample_logp=rollout.sample_logp[rows],
-        truncated=rollout.truncated[rows],
-        group_size=g,
-    )
-
-
-def _pad_to(x: torch.Tensor, width: int, value: float, left: bool) -> torch.Tensor:
-    pad = (width - x.shape[1], 0) if left else (0, width - x.shape[1])
-    return torch.nn.functional.pad(x, pad, value=value)
-
-
-def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
-    """Rollouts of the same G joined group after group: prompts re-left-padded to the
-    longest P, completions re-right-padded to the longest T (padding stays masked)."""
-    p = max(r.prompt_ids.shape[1] for r in parts)
-    t = max(r.completion_ids.shape[1] for r in parts)
-    return Rollout(
-        prompt_ids=torch.cat([_pad_to(r.prompt_ids, p, pad_token_id, True) for r in parts]),
-        prompt_mask=torch.cat([_pad_to(r.prompt_mask, p, 0, True) for r in parts]),
-        completion_ids=torch.cat(
-            [_pad_to(r.completion_ids, t, pad_token_id, False) for r in parts]
-        ),
-        completion_mask=torch.cat([_pad_to(r.completion_mask, t, 0, False) for r in parts]),
-        sample_logp=torch.cat([_pad_to(r.sample_logp, t, 0.0, False) for r in parts]),
-        truncated=torch.cat([r.truncated for r in parts]),
-        group_size=parts[0].group_size,
-    )
-
-
-__all__ = ["ENGINES", "Engine", "TorchEngine", "concat_rollouts", "make_engine", "select_groups"]
+__all__ = ["ENGINES", "Engine", "TorchEngine", "make_engine"]

@@ -44,11 +44,11 @@ tokens (left-padded), T completion tokens (right-padded), V vocabulary.
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from grpo.hf import cache_argument, keep_last, left_pad, output_cache, position_ids
 from grpo.types import Rollout, SamplingParams
 
 
@@ -61,8 +61,18 @@ class TorchEngine:
             same tokens for the same seed.
     """
 
+    exact_logp = True
+    """``sample_logp`` comes from the policy's own weights and kernels: where sampling is not
+    truncated (no top-k / top-p) it is the policy's log-prob of each token."""
+
     def __init__(self, prefix_sharing: bool = True) -> None:
         self.prefix_sharing = prefix_sharing
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Nothing to do: this engine samples with the trained module itself."""
+
+    def close(self) -> None:
+        """Nothing to release: the engine holds no memory between rollouts."""
 
     def generate(
         self,
@@ -121,7 +131,7 @@ class TorchEngine:
             ids, mask = prompt_ids, prompt_mask  # [B, P]
             if not self.prefix_sharing:
                 ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)  # [N, P]
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B or N, P] left padding
+            positions = position_ids(mask)  # [B or N, P] left padding
             logits, cache = forward(ids, mask, positions, cache=None)  # [B or N, V]
             if self.prefix_sharing and G > 1:
                 rows = torch.arange(B, device=device).repeat_interleave(G)  # [N]
@@ -169,19 +179,6 @@ class TorchEngine:
             truncated=~hit_eos,
             group_size=G,
         )
-
-
-def left_pad(
-    prompts: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad B token-id lists to ``ids [B, P]`` and ``mask [B, P]`` (1 on real tokens)."""
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)  # [B, P]
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)  # [B, P]
-    for b, prompt in enumerate(prompts):
-        ids[b, P - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[b, P - len(prompt) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -345,17 +342,12 @@ def _decode_attention(model: torch.nn.Module):
 
 
 class _Forward:
-    """One forward step of a causal LM returning last-position logits and the cache.
-
-    transformers 5 names the cache argument ``cache`` (``past_key_values`` is deprecated);
-    older or remote-code models may still use the old name, so it is looked up once.
-    """
+    """One forward step of a causal LM returning last-position logits and the cache."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        names = inspect.signature(model.forward).parameters
         self.model = model
-        self.cache_arg = "cache" if "cache" in names else "past_key_values"
-        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in names else {}
+        self.cache_arg = cache_argument(model)
+        self.keep_last = keep_last(model, 1)
 
     def __call__(
         self,
@@ -373,8 +365,7 @@ class _Forward:
             **{self.cache_arg: cache},
             **self.keep_last,
         )
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        return out.logits[:, -1, :].float(), cache  # [n, V]
+        return out.logits[:, -1, :].float(), output_cache(out)  # [n, V]
 
 
 def _check(prompts: list[list[int]], params: SamplingParams) -> None:

@@ -3,12 +3,9 @@
 PPO (Schulman et al. 2017, "Proximal Policy Optimization Algorithms") as used for RLHF by
 InstructGPT (Ouyang et al. 2022): a value model ``V`` the size of the policy, a per-token
 reward that is ``-beta * KL`` on every token plus the sequence's score on its last token,
-GAE advantages (``grpo.advantages.gae``, Schulman et al. 2016) and a value loss next to the
-policy's clipped surrogate (``grpo.losses.clipped_surrogate``). The seed claims GRPO saves
-this critic's memory and pipeline; these pieces exist so that claim is measured.
-
-Also here: ``unclipped_surrogate``, the importance-weighted policy gradient without a clip
-that RLOO (eq. VI.I: "no clipping") uses.
+GAE advantages (``grpo.advantages.gae``, Schulman et al. 2016) and a value loss
+(``grpo.losses.value_loss``) next to the policy's clipped surrogate. The seed claims GRPO
+saves this critic's memory and pipeline; these pieces exist so that claim is measured.
 
 Shape letters (see ``grpo.types``): N completion rows, P prompt tokens (left-padded),
 T completion tokens (right-padded), H the model's hidden size.
@@ -32,16 +29,24 @@ Where this module departs from the papers:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import AutoModel, PreTrainedModel
 
+from grpo.advantages import gae, kl_penalised_token_rewards, whiten
+from grpo.algorithms.registry import register_algorithm, several_updates
+from grpo.algorithms.rloo import sampling_logp
+from grpo.config import Config
+from grpo.hf import position_ids
 from grpo.logprobs import shared_prefix_outputs
-from grpo.losses import Normaliser, aggregate, kl_divergence
+from grpo.losses import Normaliser, value_loss
+from grpo.optim import build_optimizer
+from grpo.runtime import Runtime
+from grpo.types import Batch, Scored
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 """File beside the backbone's weights that holds the value head (``weight``, ``bias``)."""
@@ -124,123 +129,105 @@ class ValueModel(torch.nn.Module):
                 self.backbone, input_ids, attention_mask, completion_length, group_ids
             )  # [N, T, H]
             return self.head(state.to(self.head.weight.dtype)).squeeze(-1)  # [N, T]
-        # As in completion_logp: positions restart at each row's first real token.
-        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [N, P + T]
         hidden = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=position_ids(attention_mask),  # [N, P + T]
             use_cache=False,
         ).last_hidden_state  # [N, P + T, H]
         state = hidden[:, -completion_length - 1 : -1]  # [N, T, H], positions P-1 .. P+T-2
         return self.head(state.to(self.head.weight.dtype)).squeeze(-1)  # [N, T]
 
 
-def kl_penalised_token_rewards(
-    scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, beta: float
-) -> Tensor:
-    """InstructGPT's per-token reward: ``-beta * (logp - ref_logp)``, plus the score at the end.
+class Critic:
+    """PPO's value model with its own AdamW and schedule (``optim.*``, learning rate
+    ``algorithm.critic_learning_rate`` or ``optim.learning_rate``), updated on the same
+    mini-batches as the policy."""
 
-    ``r_t = -beta * log(pi(o_t) / pi_ref(o_t))`` on every real token (the k1 KL estimate,
-    Ouyang et al. 2022 eq. 2 spread over tokens, as TRL's PPO), and completion i's score
-    ``scores[i]`` is added on its last real token. Rewards are data: pass log-probs
-    computed without gradient (at sampling time).
+    def __init__(self, cfg: Config, runtime: Runtime):
+        self.model = ValueModel.from_pretrained(cfg.model.name_or_path).to(runtime.device)
+        lr = cfg.algorithm.critic_learning_rate or cfg.optim.learning_rate
+        self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), cfg, lr)
+        self.max_grad_norm = cfg.optim.max_grad_norm or float("inf")
+        self.share_prompt = cfg.optim.share_prompt
+        self.runtime = runtime
 
-    Args:
-        scores: ``[N]`` reward of each completion.
-        logp: ``[N, T]`` log-probs of the sampled tokens under the sampling policy.
-        ref_logp: ``[N, T]`` log-probs of the same tokens under the frozen reference.
-        mask: ``[N, T]`` 1 on real completion tokens (right-padded); padding may hold NaN.
-        beta: KL coefficient.
+    def _values(self, mb: Batch) -> Tensor:
+        groups = mb.group_ids if self.share_prompt else None
+        with self.runtime.autocast():
+            return self.model(mb.input_ids, mb.attention_mask, mb.completion_length, groups)
 
-    Returns:
-        ``[N, T]`` per-token rewards, 0 on padding; a completion with no real token gets
-        nothing, its score included.
+    @torch.no_grad()
+    def values(self, batch: Batch, micro_size: int) -> Tensor:
+        self.model.eval()
+        return torch.cat([self._values(mb) for mb in batch.micro_batches(micro_size)])  # [N, T]
 
-    >>> kl_penalised_token_rewards(
-    ...     torch.tensor([1.0]), torch.tensor([[-1.0, -2.0]]), torch.tensor([[-2.0, -2.0]]),
-    ...     torch.tensor([[1, 1]]), beta=0.5)
-    tensor([[-0.5000,  1.0000]])
-    """
-    m = mask.bool()  # [N, T]
-    rewards = torch.where(m, -beta * kl_divergence(logp, ref_logp, "k1"), 0.0)  # [N, T]
-    lengths = m.sum(dim=1)  # [N]
-    last = (lengths - 1).clamp(min=0).unsqueeze(1)  # [N, 1], index of the last real token
-    at_end = torch.where(lengths > 0, scores, 0.0).to(rewards.dtype).unsqueeze(1)  # [N, 1]
-    return rewards.scatter_add(1, last, at_end)  # [N, T]
-
-
-@dataclass
-class ValueLossOutput:
-    """Result of ``value_loss``."""
-
-    loss: Tensor
-    """Scalar loss to backpropagate (already halved; multiply by the value coefficient)."""
-    clip_frac: Tensor
-    """Detached scalar: fraction of real tokens where the clipped term is the larger one
-    (and the value gets no gradient); 0 without clipping."""
+    def update(self, mini: Batch, micro_size: int, clip: float | None) -> dict[str, float]:
+        """One optimizer step on the value loss of ``mini``, accumulated over micro-batches."""
+        self.model.train()
+        norm = Normaliser.from_mask(mini.completion_mask, mini.completion_length)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, clipped = 0.0, 0.0
+        for mb in mini.micro_batches(micro_size):
+            values = self._values(mb)  # [n, T]
+            extras, mask = mb.extras, mb.completion_mask
+            out = value_loss(values, extras["old_values"], extras["returns"], mask, clip, norm)
+            out.loss.backward()
+            loss += out.loss.item()
+            clipped += out.clip_frac.item() * mask.sum().item() / max(norm.num_tokens, 1)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"value_loss": loss, "value_clip_frac": clipped}
 
 
-def value_loss(
-    values: Tensor,
-    old_values: Tensor,
-    returns: Tensor,
-    mask: Tensor,
-    clip_range: float | None = None,
-    norm: Normaliser | None = None,
-) -> ValueLossOutput:
-    """The critic's regression loss, ``0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2)``.
+@register_algorithm("ppo")
+class PPO:
+    """PPO with a learned critic and GAE; the KL (k1, per token) in the reward."""
 
-    PPO (Schulman et al. 2017, eq. 9's ``L^VF``) regresses ``(V - R)^2``; the clipped
-    variant (OpenAI baselines ppo2, as cleanRL and TRL) keeps the new value within
-    ``clip_range`` of the value at sampling time, pessimistically. Token mean over the batch.
+    clipped = True
+    kl_in_loss = False
+    kl_estimator = "k1"
 
-    Args:
-        values: ``[n, T]`` values under the critic being trained.
-        old_values: ``[n, T]`` values at sampling time (no gradient).
-        returns: ``[n, T]`` regression targets, GAE's ``advantages + old_values``.
-        mask: ``[n, T]`` 1 on real completion tokens.
-        clip_range: ``c``; ``None`` regresses unclipped.
-        norm: the full batch's totals (``num_tokens`` divides); ``None`` uses these n rows',
-            which is right when they are the whole batch.
+    def __init__(self, cfg: Config, runtime: Runtime, tokenizer: Any):
+        self.cfg = cfg
+        self.critic = Critic(cfg, runtime)
 
-    Returns:
-        ``ValueLossOutput(loss, clip_frac)``.
-    """
-    unclipped = (values - returns).pow(2)  # [n, T]
-    if clip_range is None:
-        per_token = 0.5 * unclipped  # [n, T]
-        is_clipped = torch.zeros_like(mask, dtype=torch.bool)  # [n, T]
-    else:
-        if clip_range < 0:
-            raise ValueError(f"clip_range must be >= 0 or None, got {clip_range}")
-        clipped_values = values.clamp(old_values - clip_range, old_values + clip_range)  # [n, T]
-        clipped = (clipped_values - returns).pow(2)  # [n, T]
-        per_token = 0.5 * torch.maximum(unclipped, clipped)  # [n, T]
-        is_clipped = clipped > unclipped  # [n, T]
-    norm = Normaliser.from_mask(mask, mask.shape[1]) if norm is None else norm
-    m = mask.bool()  # [n, T]
-    clip_frac = (is_clipped & m).sum() / m.sum().clamp(min=1)
-    loss = aggregate(per_token, mask, "token_mean", norm)
-    return ValueLossOutput(loss=loss, clip_frac=clip_frac.detach().float())
+    def needs_old_logp(self, sample_logp_exact: bool) -> bool:
+        kl_in_reward = self.cfg.algorithm.beta > 0
+        return several_updates(self.cfg) or (kl_in_reward and not sample_logp_exact)
 
+    def prepare(self, batch: Batch, scored: Scored, micro_size: int) -> None:
+        alg, mask = self.cfg.algorithm, batch.completion_mask  # [N, T]
+        scores = scored.rewards.flatten()  # [N]
+        kl_in_reward = batch.ref_logp is not None
+        logp = sampling_logp(batch, scored) if kl_in_reward else torch.zeros_like(mask)
+        ref_logp = batch.ref_logp if kl_in_reward else torch.zeros_like(mask)
+        token_rewards = kl_penalised_token_rewards(scores, logp, ref_logp, mask, alg.beta)
+        values = self.critic.values(batch, micro_size)  # [N, T]
+        adv, returns = gae(token_rewards, values, mask, alg.gamma, alg.lam)  # [N, T] each
+        batch.advantages = whiten(adv, mask)  # [N, T]
+        batch.extras = {"old_values": values, "returns": returns}
 
-def unclipped_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor) -> Tensor:
-    """Importance-weighted policy gradient without a clip, RLOO's loss (eq. VI.I: no clipping).
+    def update(self, mini: Batch, micro_size: int) -> dict[str, float]:
+        return self.critic.update(mini, micro_size, self.cfg.algorithm.value_clip)
 
-    ``per_token_loss = -A * exp(logp - old_logp)``. With one optimizer step per rollout
-    batch (mu = 1) ``old_logp = logp.detach()``: the ratio is exactly 1, the loss's value is
-    ``-A``, and its gradient is ``-A * exp(0) * grad logp = -A * grad logp``, REINFORCE's
-    (Williams 1992) with a baseline. With mu > 1 the ratio corrects for the policy having
-    moved since sampling, unbounded (that is what PPO's clip bounds).
+    def modules(self) -> list:
+        return [self.critic.model]
 
-    Args:
-        logp: ``[N, T]`` log-probs of the sampled tokens under the policy being trained.
-        old_logp: ``[N, T]`` log-probs under the policy that sampled them (no gradient).
-        adv: ``[N, T]`` per-token advantages.
+    def optimizers(self) -> list:
+        return [self.critic.optimizer]
 
-    Returns:
-        ``[N, T]`` per-token loss (padding is left to ``aggregate``'s mask).
-    """
-    ratio = torch.exp(logp - old_logp)  # [N, T]
-    return -adv * ratio  # [N, T]
+    def state_dict(self) -> dict[str, Any]:
+        c = self.critic
+        return {
+            "critic": c.model.state_dict(),
+            "critic_optimizer": c.optimizer.state_dict(),
+            "critic_scheduler": c.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        c = self.critic
+        c.model.load_state_dict(state["critic"])
+        c.optimizer.load_state_dict(state["critic_optimizer"])
+        c.scheduler.load_state_dict(state["critic_scheduler"])

@@ -1,0 +1,148 @@
+"""The trained model and the model it is held close to.
+
+``Policy`` holds the trained module (and, where a run wraps it, its wrapping) on the
+runtime's device, gives the log-probs of a batch's completion tokens, and saves and loads
+its weights with strict key checks. ``Reference`` is the frozen model of the KL term
+(eq. IV.I): a frozen copy of the policy's starting weights, or a model loaded from
+``model.ref_name_or_path``; with ``beta = 0`` there is none at all. Both compute log-probs
+through the same function with the same settings, so while their weights are equal their
+log-probs are equal.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from grpo.config import Config
+from grpo.hf import load_model_and_tokenizer, unwrap
+from grpo.logprobs import batch_logp, batched_logp
+from grpo.runtime import Runtime
+from grpo.types import Batch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LogpSettings:
+    """How completion log-probs are computed, the same for every model of a run."""
+
+    temperature: float = 1.0
+    """The sampling temperature: log-probs are of the distribution sampled from."""
+    share_prompt: bool = True
+    """Run each group's prompt once (``optim.share_prompt``)."""
+    bucket: bool = True
+    """Run completions of similar length together (``optim.bucket_by_length``)."""
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> LogpSettings:
+        return cls(cfg.rollout.temperature, cfg.optim.share_prompt, cfg.optim.bucket_by_length)
+
+
+def load_weights(module: torch.nn.Module, directory: str | Path) -> None:
+    """Load ``directory/model.safetensors`` (as ``save_pretrained`` writes it) into
+    ``module``, strictly: every key must match, except the tied copies (e.g. ``lm_head``
+    tied to the embeddings) that ``save_pretrained`` leaves out on purpose."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} holds no model.safetensors")
+    state = load_file(path, device=str(next(module.parameters()).device))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    tied = set(getattr(module, "all_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(
+            f"{str(path)!r} does not fit the model: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}"
+        )
+
+
+class Policy:
+    """The trained causal LM on the runtime's device; ``module`` may be a wrapper (the
+    transformers model is ``base``)."""
+
+    def __init__(self, module: torch.nn.Module, runtime: Runtime, settings: LogpSettings):
+        self.module = module.to(runtime.device)
+        self.runtime, self.settings = runtime, settings
+
+    @property
+    def base(self) -> torch.nn.Module:
+        """The transformers model under any wrapper (what ``save_pretrained`` writes)."""
+        return unwrap(self.module)
+
+    def logp(self, batch: Batch, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Log-probs (and entropies) ``[n, T]`` of one micro-batch, with gradient."""
+        s = self.settings
+        with self.runtime.autocast():
+            return batch_logp(
+                self.module, batch, s.temperature, with_entropy, s.share_prompt, s.bucket
+            )
+
+    def logp_no_grad(self, batch: Batch, micro_size: int) -> Tensor:
+        """Log-probs ``[N, T]`` of a whole batch, micro-batch by micro-batch, no gradient
+        (the old-policy pass right after sampling)."""
+        return _logp_no_grad(self.module, batch, micro_size, self.settings, self.runtime)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def save(self, directory: str | Path) -> None:
+        self.base.save_pretrained(directory)
+
+    def load(self, directory: str | Path) -> None:
+        load_weights(self.base, directory)
+
+
+def _logp_no_grad(
+    module: torch.nn.Module,
+    batch: Batch,
+    micro_size: int,
+    s: LogpSettings,
+    runtime: Runtime,
+) -> Tensor:
+    with runtime.autocast():
+        return batched_logp(module, batch, micro_size, s.temperature, s.share_prompt, s.bucket)
+
+
+class Reference:
+    """The frozen model of the KL term: a copy of the policy's starting weights, or a model
+    loaded from a path. Never trained; ``reset_to`` makes it the policy's current weights
+    (iterative RL, DeepSeekMath 4.2)."""
+
+    def __init__(self, module: torch.nn.Module, runtime: Runtime, settings: LogpSettings):
+        self.module = module.to(runtime.device).eval().requires_grad_(False)
+        self.runtime, self.settings = runtime, settings
+
+    @classmethod
+    def build(cls, cfg: Config, policy: Policy) -> Reference | None:
+        """None when ``algorithm.beta`` is 0 (no KL term, no model); the model at
+        ``model.ref_name_or_path`` when given; else a frozen copy of the policy."""
+        if cfg.algorithm.beta == 0:
+            return None
+        if cfg.model.ref_name_or_path:
+            module, _ = load_model_and_tokenizer(
+                cfg.model.ref_name_or_path, DTYPES[cfg.model.dtype]
+            )
+        else:
+            module = copy.deepcopy(policy.base)
+        return cls(module, policy.runtime, policy.settings)
+
+    def logp(self, batch: Batch, micro_size: int) -> Tensor:
+        """Log-probs ``[N, T]`` of a whole batch under the reference, no gradient."""
+        return _logp_no_grad(self.module, batch, micro_size, self.settings, self.runtime)
+
+    def reset_to(self, policy: Policy) -> None:
+        """Copy the policy's current weights into the reference."""
+        self.module.load_state_dict(policy.base.state_dict())
+
+    def save(self, directory: str | Path) -> None:
+        self.module.save_pretrained(directory)
+
+    def load(self, directory: str | Path) -> None:
+        load_weights(self.module, directory)
