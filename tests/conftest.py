@@ -6,6 +6,14 @@ import torch
 
 torch.set_num_threads(1)
 
+DEVICES = [
+    pytest.param("cpu"),
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    ),
+]
+"""Equivalence tests run on every device present: the CPU always, a GPU where there is one."""
+
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64}
 
 

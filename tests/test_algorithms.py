@@ -1,5 +1,7 @@
 """RLOO, PPO, process supervision and the variants, through the real training step."""
 
+import math
+
 import pytest
 import torch
 from test_trainer import distinct_chars, make_cfg
@@ -184,3 +186,66 @@ def test_every_algorithm_is_registered_and_nothing_else_tests_its_name():
             continue
         text = path.read_text()
         assert "algorithm.name" not in text and "alg.name" not in text, path
+
+
+class FixedEngine:
+    """An engine that returns one fixed group: G = 4 completions of lengths 1, 2, 3, 4 (the
+    last ends with EOS), so a step's numbers can be worked out by hand."""
+
+    exact_logp = True
+
+    def generate(self, model, prompts, params, generator=None):
+        lengths = torch.tensor([1, 2, 3, 4])
+        mask = (torch.arange(4)[None, :] < lengths[:, None]).long()  # [4, 4]
+        return Rollout(
+            prompt_ids=torch.tensor([prompts[0]]),
+            prompt_mask=torch.ones(1, len(prompts[0]), dtype=torch.long),
+            completion_ids=torch.full((4, 4), 9) * mask,  # token 9 on real positions
+            completion_mask=mask,
+            sample_logp=torch.zeros(4, 4),
+            truncated=torch.tensor([True, True, True, False]),
+            group_size=4,
+        )
+
+    def sync(self, model):
+        pass
+
+    def close(self):
+        pass
+
+
+def one_then_zeros(prompts, completions, **kwargs):
+    return [1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "loss_type", "loss"),
+    [
+        # GRPO: rewards 1, 0, 0, 0: mean 0.25, Bessel std sqrt(0.75 / 3) = 0.5, so
+        # A = 0.75 / 0.5001 on the first completion and -0.25 / 0.5001 on the others. The
+        # ratio is exactly 1 (mu = 1), so the token-mean loss is -sum_i A_i |o_i| / sum |o_i|
+        # = -(0.75 * 1 - 0.25 * (2 + 3 + 4)) / 0.5001 / 10 = 1.5 / 5.001
+        ("grpo", "token_mean", 1.5 / 5.001),
+        # RLOO: A_1 = 1 - mean(0, 0, 0) = 1; A_i = 0 - mean(1, 0, 0) = -1/3 for the others:
+        # -(1 * 1 - 1/3 * 9) / 10 = 0.2
+        ("rloo", "token_mean", 0.2),
+        # PPO: the critic's head starts at zero, so every value is 0 and with gamma 1 GAE's
+        # advantage is lam^(steps to the end) * score: 1 on the one token of completion 1,
+        # 0 elsewhere. Whitened over the 10 real tokens (mean 0.1, Bessel variance
+        # (0.81 + 9 * 0.01) / 9 = 0.1): 0.9 / sqrt(0.1) there, -0.1 / sqrt(0.1) elsewhere.
+        # The per-completion mean loss: -(0.9 - 3 * 0.1) / sqrt(0.1) / 4
+        ("ppo", "grpo", -0.6 / math.sqrt(0.1) / 4),
+    ],
+)
+def test_one_step_through_the_trainer_by_hand(tiny_model_dir, tmp_path, algorithm, loss_type, loss):
+    cfg = make_cfg(
+        tiny_model_dir, tmp_path, f"algorithm.name={algorithm}", f"algorithm.loss_type={loss_type}",
+        "algorithm.beta=0", "rollout.prompts_per_step=1", "rollout.max_completion_length=4",
+    )  # fmt: skip
+    t = GRPOTrainer(cfg, reward_functions=[one_then_zeros], engine=FixedEngine())
+    metrics = t.train_step()
+    assert metrics["reward"] == 0.25
+    torch.testing.assert_close(metrics["loss"], loss)
+    if algorithm == "ppo":
+        # returns = GAE advantage + value = 1 on one token of ten, values 0: 0.5 * 1 / 10
+        torch.testing.assert_close(metrics["value_loss"], 0.05)

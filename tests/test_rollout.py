@@ -9,8 +9,11 @@ there; the position-sensitive tests also run a tiny GPT-2 (absolute position emb
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from conftest import DEVICES
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from grpo.rollout import ENGINES, TorchEngine, make_engine
@@ -100,8 +103,9 @@ def test_rollout_shapes_and_grouping(model):
     assert (r.sample_logp <= 0).all()
 
 
-def test_batched_greedy_equals_one_prompt_at_a_time(any_model):
-    model = any_model
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_greedy_equals_one_prompt_at_a_time(any_model, device):
+    model = copy.deepcopy(any_model).to(device)
     eos = first_stop_token(model)
     p = params(temperature=0.0, num_generations=2, eos_token_ids=(eos,))
     batched = generate(model, PROMPTS, p)
@@ -119,7 +123,9 @@ def test_batched_greedy_equals_one_prompt_at_a_time(any_model):
         assert (batched.completion_ids[rows, T:] == PAD).all()
 
 
-def test_shared_prefix_equals_repeated_prompt(model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_shared_prefix_equals_repeated_prompt(model, device):
+    model = copy.deepcopy(model).to(device)
     eos = first_stop_token(model)
     p = params(
         temperature=1.0,

@@ -2,19 +2,20 @@
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from grpo.logprobs import completion_logp, shared_prefix_logp
 from grpo.modeling import build_char_tokenizer, build_tiny_model
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=DEVICES)
+def model(request):
     tok = build_char_tokenizer()
     m = build_tiny_model(tok, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
-    return m.train()  # gradients as in training (no dropout in these models)
+    return m.to(request.param).train()  # gradients as in training (no dropout here)
 
 
-def grouped_batch(b=3, g=4, p=7, t=5):
+def grouped_batch(b=3, g=4, p=7, t=5, device="cpu"):
     """b groups of g rows: a shared, differently left-padded prompt; uneven completions."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 90, (b * g, p + t), generator=gen)  # [N, P + T]
@@ -25,7 +26,7 @@ def grouped_batch(b=3, g=4, p=7, t=5):
         mask[rows, :k] = 0  # group k's prompt has k pad tokens on the left
     mask[1, -2:] = 0  # two completions shorter than T (right padding)
     mask[5, -1:] = 0
-    return ids, mask, torch.arange(b).repeat_interleave(g), t
+    return ids.to(device), mask.to(device), torch.arange(b, device=device).repeat_interleave(g), t
 
 
 def run(fn, model, *args):
@@ -33,13 +34,13 @@ def run(fn, model, *args):
     logp, entropy = fn(model, *args)
     ids, mask = args[0], args[1]
     t = args[2]
-    weights = torch.linspace(-1, 1, ids.shape[0])[:, None] * mask[:, -t:]  # [N, T]
+    weights = torch.linspace(-1, 1, ids.shape[0], device=ids.device)[:, None] * mask[:, -t:]
     (logp * weights).sum().backward()
     return logp, entropy, [p.grad.clone() for p in model.parameters()]
 
 
 def test_same_logp_entropy_and_gradients(model):
-    ids, mask, groups, t = grouped_batch()
+    ids, mask, groups, t = grouped_batch(device=model.device)
     plain = run(completion_logp, model, ids, mask, t, 0.7, True)
     shared = run(
         lambda m, *a: shared_prefix_logp(m, a[0], a[1], a[2], groups, 0.7, True),
@@ -57,7 +58,7 @@ def test_same_logp_entropy_and_gradients(model):
 
 def test_groups_of_one_and_a_partial_group(model):
     """A micro-batch may hold a group's tail: each run of equal ids is one prompt."""
-    ids, mask, groups, t = grouped_batch()
+    ids, mask, groups, t = grouped_batch(device=model.device)
     rows = slice(2, 9)  # the last 2 rows of group 0, all of group 1, 1 row of group 2
     plain, _ = completion_logp(model, ids[rows], mask[rows], t)
     shared, _ = shared_prefix_logp(model, ids[rows], mask[rows], t, groups[rows])
@@ -76,17 +77,18 @@ def test_length_buckets_give_the_same_numbers(model, share_prompt, monkeypatch):
     monkeypatch.setattr(
         logprobs, "length_buckets", lambda *a: seen.append(length_buckets(*a)) or seen[-1]
     )
-    ids, mask, groups, t = grouped_batch(b=2, g=4, p=5, t=8)
+    ids, mask, groups, t = grouped_batch(b=2, g=4, p=5, t=8, device=model.device)
     mask[0, -6:] = 0  # lengths 2, 4, 8, 8 | 8, 3, 8, 1: padding worth trimming
     mask[1, -4:] = 0
     mask[5, -5:] = 0
     mask[7, -7:] = 0
-    batch = Batch(ids, mask, mask[:, -t:].float(), torch.zeros(8, t), group_ids=groups)
+    completion_mask = mask[:, -t:].float()
+    batch = Batch(ids, mask, completion_mask, torch.zeros_like(completion_mask), group_ids=groups)
     out = {}
     for bucket in (False, True):
         model.zero_grad()
         logp, entropy = batch_logp(model, batch, 0.7, True, share_prompt, bucket=bucket)
-        weights = torch.linspace(-1, 1, 8)[:, None] * batch.completion_mask
+        weights = torch.linspace(-1, 1, 8, device=model.device)[:, None] * batch.completion_mask
         (logp * weights).sum().backward()
         out[bucket] = (logp, entropy, [p.grad.clone() for p in model.parameters()])
     # lengths by row 2 4 8 8 | 8 3 8 1, sorted 1 2 3 4 8 8 8 8 (rows 7 0 5 1, then 2 3 4 6).
@@ -146,7 +148,7 @@ def test_critic_values_and_gradients_with_the_prompt_run_once():
     for shared in (False, True):
         critic.zero_grad()
         values = critic(ids, mask, t, groups if shared else None)  # [N, T]
-        weights = torch.linspace(-1, 1, ids.shape[0])[:, None] * mask[:, -t:]  # [N, T]
+        weights = torch.linspace(-1, 1, ids.shape[0], device=ids.device)[:, None] * mask[:, -t:]
         (values * weights).sum().backward()
         out[shared] = (values, [p.grad.clone() for p in critic.parameters()])
     real = mask[:, -t:].bool()

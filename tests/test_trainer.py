@@ -6,6 +6,7 @@ import signal
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from grpo.config import build_config
 from grpo.hf import load_model_and_tokenizer
@@ -39,8 +40,9 @@ def make_trainer(cfg, **kw):
     return GRPOTrainer(cfg, reward_functions=[distinct_chars], **kw)
 
 
-def test_trains_logs_and_saves(tiny_model_dir, tmp_path):
-    cfg = make_cfg(tiny_model_dir, tmp_path)
+@pytest.mark.parametrize("device", DEVICES)
+def test_trains_logs_and_saves(tiny_model_dir, tmp_path, device):
+    cfg = make_cfg(tiny_model_dir, tmp_path, f"model.device={device}")
     t = make_trainer(cfg)
     before = [p.detach().clone() for p in t.model.parameters()]
     history = t.train()
@@ -60,7 +62,7 @@ def test_trains_logs_and_saves(tiny_model_dir, tmp_path):
         assert key in logged[-1], key
     model, _ = load_model_and_tokenizer(tmp_path / "final")
     for a, b in zip(model.parameters(), t.model.parameters(), strict=True):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b.cpu())
 
 
 def test_beta_zero_loads_no_reference(tiny_model_dir, tmp_path):
