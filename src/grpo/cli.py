@@ -100,7 +100,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from grpo.demo import run_demo
 
-    run_demo(Path(args.output_dir), fast=args.fast, threads=args.threads)
+    run_demo(
+        Path(args.output_dir), fast=args.fast, threads=args.threads, overrides=tuple(args.overrides)
+    )
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -177,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="init -> sft -> eval -> GRPO -> eval on the built-in task, on CPU"
     )
     s.add_argument("--output-dir", default="runs/demo")
+    s.add_argument(
+        "overrides", nargs="*", help="GRPO config overrides, e.g. model.device=cuda"
+    )
     s.add_argument(
         "--fast", action="store_true", help="a seconds-long smoke run (no learning expected)"
     )

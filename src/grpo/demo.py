@@ -63,20 +63,40 @@ FAST = DemoPlan(
 
 
 def run_demo(
-    output_dir: Path, fast: bool = False, threads: int = 0, plan: DemoPlan | None = None
+    output_dir: Path,
+    fast: bool = False,
+    threads: int = 0,
+    plan: DemoPlan | None = None,
+    overrides: tuple[str, ...] = (),
 ) -> dict:
-    """Run every stage into ``output_dir`` and return the summary written to summary.json."""
+    """Run every stage into ``output_dir`` and return the summary written to summary.json.
+
+    ``overrides`` (``key=value``) apply to the GRPO config after the plan's own; the model
+    is placed on ``model.device`` from the start, so the SFT stage runs there too."""
     from grpo.config import build_config
     from grpo.evaluation import evaluate_task, greedy_accuracy, periodic_task_eval, print_table
     from grpo.hf import load_model_and_tokenizer
     from grpo.modeling import init_model_dir
     from grpo.report import plot_run
+    from grpo.runtime import resolve_device
     from grpo.sft import supervised_finetune
     from grpo.tasks import get_task
     from grpo.trainer import GRPOTrainer
 
     plan = plan or (FAST if fast else DemoPlan())
     console = Console(stderr=True)
+    sft_dir, grpo_dir = output_dir / "sft", output_dir / "grpo"
+    cfg = build_config(  # validated before any work: a bad override stops here
+        yaml.safe_load(DEMO_CONFIG.read_text()),
+        [
+            f"model.name_or_path={sft_dir}",
+            f"run.output_dir={grpo_dir}",
+            f"data.task={plan.task}",
+            *plan.grpo_overrides,
+            *overrides,
+        ],
+    )
+    device = resolve_device(cfg.model.device)
     torch.set_num_threads(threads or 1)  # a ~1M model runs fastest on one thread
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -85,6 +105,7 @@ def run_demo(
     console.rule("1/5 tiny model")
     init_dir = init_model_dir(output_dir / "init", hidden_size=plan.hidden_size)
     model, tokenizer = load_model_and_tokenizer(init_dir)
+    model.to(device)
     console.print(
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters in {init_dir}"
     )
@@ -114,7 +135,6 @@ def run_demo(
         stop=reached_target,
     )
     console.print(f"SFT stopped after {len(losses)} steps")
-    sft_dir = output_dir / "sft"
     model.save_pretrained(sft_dir)
     tokenizer.save_pretrained(sft_dir)
     seconds["sft"] = time.perf_counter() - t
@@ -126,17 +146,6 @@ def run_demo(
     seconds["eval"] = time.perf_counter() - t
 
     console.rule("4/5 GRPO")
-    grpo_dir = output_dir / "grpo"
-    data = yaml.safe_load(DEMO_CONFIG.read_text())
-    cfg = build_config(
-        data,
-        [
-            f"model.name_or_path={sft_dir}",
-            f"run.output_dir={grpo_dir}",
-            f"data.task={plan.task}",
-            *plan.grpo_overrides,
-        ],
-    )
     t = time.perf_counter()
     trainer = GRPOTrainer(cfg, model=model, tokenizer=tokenizer, eval_fn=periodic_task_eval(cfg))
     history = trainer.train()

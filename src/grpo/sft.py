@@ -78,10 +78,10 @@ def supervised_finetune(
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("SFT", total=steps)
         for step in range(steps):
-            ids, attn, mask = collate(
+            batch = collate(
                 rng.sample(encoded, min(batch_size, len(encoded))), tokenizer.pad_token_id
             )
-            loss = sft_loss(model, ids, attn, mask)
+            loss = sft_loss(model, *(x.to(model.device) for x in batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

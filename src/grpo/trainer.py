@@ -143,7 +143,9 @@ class GRPOTrainer:
         self.engine = engine or make_engine(cfg.rollout.engine)
         self.sampling = sampling_params(cfg, self.tokenizer)
         self.generator = self.runtime.generator(cfg.run.seed)
-        functions = reward_functions or [load_reward_function(s) for s in cfg.rewards.functions]
+        functions = reward_functions or [
+            load_reward_function(s, self.runtime.device) for s in cfg.rewards.functions
+        ]
         self.scorer = RolloutScorer(cfg, self.tokenizer, functions)
         self.eval_fn = eval_fn
         self.algorithm = build_algorithm(cfg, self.runtime, self.tokenizer)

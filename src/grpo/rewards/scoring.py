@@ -245,7 +245,7 @@ def _preview(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_reward_function(spec: str) -> RewardFunction:
+def load_reward_function(spec: str, device: torch.device | str | None = None) -> RewardFunction:
     """Resolve a reward function from a config string.
 
     ``spec`` is one of:
@@ -254,7 +254,7 @@ def load_reward_function(spec: str) -> RewardFunction:
     - a file and a function in it: ``"path/to/rewards.py:my_reward"``;
     - a module and a function in it: ``"my_package.rewards:my_reward"``;
     - a learned outcome reward model: ``"model:path/to/checkpoint"`` (sequence
-      classification, see ``grpo.rewards.models.OutcomeRewardModel``).
+      classification, see ``grpo.rewards.models.OutcomeRewardModel``), placed on ``device``.
 
     Raises:
         RewardError: naming the spec and what was wrong with it.
@@ -264,7 +264,7 @@ def load_reward_function(spec: str) -> RewardFunction:
     if spec.startswith("model:"):
         from grpo.rewards.models import OutcomeRewardModel
 
-        return OutcomeRewardModel(spec.removeprefix("model:"))
+        return OutcomeRewardModel(spec.removeprefix("model:"), device=device)
     source, sep, attribute = spec.rpartition(":")
     if not sep or not source or not attribute:
         raise RewardError(
