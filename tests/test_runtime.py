@@ -34,7 +34,7 @@ def test_trainer_refuses_cuda_before_loading_anything(tmp_path):
     cfg = build_config(
         overrides=[f"model.name_or_path={tmp_path / 'does-not-exist'}", "model.device=cuda"]
     )
-    with pytest.raises(ConfigError, match="model.device"):  # not an error about the path
+    with pytest.raises(ConfigError, match=r"model\.device"):  # not an error about the path
         GRPOTrainer(cfg)
 
 

@@ -191,3 +191,17 @@ def test_fresh_run_in_a_used_directory_starts_a_new_log(tiny_model_dir, tmp_path
     for _ in range(2):
         make_trainer(make_cfg(tiny_model_dir, tmp_path, "optim.max_steps=1")).train()
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_weights_load_strictly(tiny_model_dir, tmp_path):
+    """A checkpoint of another architecture is refused, naming the keys that do not fit;
+    the tied output head that save_pretrained leaves out is not reported missing."""
+    from grpo.modeling import init_model_dir
+    from grpo.policy import load_weights
+
+    model, _ = load_model_and_tokenizer(tiny_model_dir)
+    load_weights(model, tiny_model_dir)  # its own weights: tied lm_head, no complaint
+    deeper = init_model_dir(tmp_path / "deeper", hidden_size=32, num_layers=3, num_heads=4,
+                            intermediate_size=64)  # fmt: skip
+    with pytest.raises(ValueError, match=r"unexpected keys \['model.layers.2"):
+        load_weights(model, deeper)
