@@ -47,9 +47,23 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     task: str | None = "add2"
-    """Built-in task (see ``grpo.tasks``); ignored when ``train_file`` is set."""
+    """Built-in task (see ``grpo.tasks``); ignored when ``train_file`` or ``dataset`` is set."""
     train_file: str | None = None
-    """JSONL or Parquet file of prompts (one row per prompt, extra columns go to rewards)."""
+    """File of prompts, one row per prompt, extra columns go to rewards: JSONL (also
+    ``.jsonl.gz``), JSON, CSV, Parquet, Arrow, or a ``save_to_disk`` directory."""
+    dataset: str | None = None
+    """A ``datasets`` hub id or a local dataset script or directory, loaded with
+    ``datasets.load_dataset(dataset, config, split=split)``; instead of ``train_file``."""
+    config: str | None = None
+    """Configuration (subset) name of ``dataset``."""
+    split: str = "train"
+    """Split of ``dataset`` (or of a ``save_to_disk`` DatasetDict) to train on."""
+    eval_file: str | None = None
+    """Held-out prompts for ``run.eval_every``, scored with the run's reward functions;
+    same formats as ``train_file``."""
+    eval_split: str | None = None
+    """Held-out split for ``run.eval_every``: of ``eval_file`` when that is a save_to_disk
+    DatasetDict (default there: ``test``), else of ``dataset`` or ``train_file``'s directory."""
     prompt_column: str = "prompt"
     """Column holding the prompt: a string, or a list of chat messages (chat template applied)."""
     num_train_prompts: int = Field(default=5000, ge=1)
@@ -194,11 +208,32 @@ class RunConfig(_Section):
     save_every: int = Field(default=0, ge=0)
     """Checkpoint every N steps (0: only at the end and on Ctrl-C)."""
     eval_every: int = Field(default=0, ge=0)
-    """Evaluate held-out accuracy every N steps on built-in tasks (0: never during training)."""
+    """Evaluate held-out greedy accuracy every N steps (0: never during training): a built-in
+    task's test problems, or ``data.eval_file`` / ``data.eval_split`` scored with the run's
+    reward functions."""
     eval_prompts: int = Field(default=100, ge=1)
     """Held-out prompts used by the periodic evaluation."""
     progress: bool = True
     """Show a progress bar on the console."""
+
+
+class LoggingConfig(_Section):
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    """Sinks on top of ``metrics.jsonl`` and the console: ``tensorboard`` (event files in
+    ``OUTPUT_DIR/tensorboard``) and ``wandb``; each is imported only when chosen."""
+    run_name: str | None = None
+    """Name of the run in the report, TensorBoard and W&B (default: the output directory's)."""
+    wandb_project: str = "grpo"
+    """W&B project."""
+    wandb_mode: Literal["offline", "online"] | None = None
+    """W&B mode; by default ``WANDB_MODE`` from the environment, else ``offline`` (synced
+    later with ``wandb sync``), so nothing leaves the machine unless asked for."""
+    num_samples: int = Field(default=4, ge=0)
+    """Completions per logged step written to ``OUTPUT_DIR/samples.jsonl`` (prompt,
+    completion, each reward function's score, advantage), as TRL's ``log_completions``;
+    the first ones of the step, so whole groups when it is a multiple of G. 0: none."""
+    print_samples_every: int = Field(default=0, ge=0)
+    """Print the logged samples as a table on the console every N steps (0: never)."""
 
 
 class Config(_Section):
@@ -209,6 +244,7 @@ class Config(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
     def _algorithm_options(self) -> Config:
@@ -221,6 +257,26 @@ class Config(_Section):
             raise ValueError(
                 f"rewards.overlong_buffer={self.rewards.overlong_buffer} must be smaller than "
                 f"rollout.max_completion_length={self.rollout.max_completion_length}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _data_sources(self) -> Config:
+        d = self.data
+        if d.train_file and d.dataset:
+            raise ValueError(
+                f"data.train_file={d.train_file!r} and data.dataset={d.dataset!r}: give one"
+            )
+        if d.eval_split and not (d.dataset or d.train_file or d.eval_file):
+            raise ValueError(
+                f"data.eval_split={d.eval_split!r} needs a dataset to split: data.dataset, or "
+                "a save_to_disk directory in data.train_file or data.eval_file"
+            )
+        own_data = d.train_file or d.dataset
+        if self.run.eval_every and own_data and not (d.eval_file or d.eval_split):
+            raise ValueError(
+                f"run.eval_every={self.run.eval_every} with your own training data needs "
+                "held-out prompts: set data.eval_file or data.eval_split (or run.eval_every=0)"
             )
         return self
 

@@ -13,41 +13,149 @@ import torch
 
 from grpo.config import DataConfig
 
+FILE_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".jsonl.gz": "json",
+    ".json.gz": "json",
+    ".csv": "csv",
+    ".csv.gz": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
+"""File name ending -> the ``datasets`` builder that reads it."""
 
-def load_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL/JSON or Parquet file of prompts into a list of row dicts."""
+
+class DataError(ValueError):
+    """A data file, directory or dataset cannot be read; the message names it and says why."""
+
+
+def _builder(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((b for end, b in FILE_BUILDERS.items() if name.endswith(end)), None)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(err).__name__}: {line[:200]}"
+
+
+def load_rows(path: str | Path, field: str = "data.train_file", split: str = "train") -> list[dict]:
+    """Rows of a prompt file or ``save_to_disk`` directory, read with ``datasets``.
+
+    Files: JSONL (also gzipped), JSON, CSV, Parquet, Arrow. A DatasetDict directory
+    gives its ``split``. ``field`` names the input in errors (``data.eval_file``, ``--data``).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        DataError: the file or directory cannot be read as what its name says.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _rows_from_disk(path, field, split)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{field} {str(path)!r} does not exist; expected a prompt file "
+            f"({', '.join(FILE_BUILDERS)}) or a save_to_disk directory"
+        )
+    builder = _builder(path)
+    if builder is None:
+        raise DataError(
+            f"{field} {str(path)!r}: unsupported file type; expected a name ending in "
+            f"{', '.join(FILE_BUILDERS)}, or a save_to_disk directory"
+        )
     import datasets
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.train_file {str(path)!r} does not exist")
-    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-    if path.suffix not in kinds:
-        raise ValueError(
-            f"data.train_file {str(path)!r}: unsupported suffix {path.suffix!r}; "
-            f"expected one of {sorted(kinds)}"
-        )
-    ds = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:
+        raise DataError(
+            f"{field} {str(path)!r} cannot be read as {builder} ({_first_line(err)})"
+        ) from err
     return ds.to_list()
 
 
+def _rows_from_disk(path: Path, field: str, split: str) -> list[dict]:
+    import datasets
+
+    if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        raise DataError(
+            f"{field} {str(path)!r} is a directory but not a save_to_disk one (no state.json or "
+            "dataset_dict.json); for a directory of data files use data.dataset"
+        )
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise DataError(
+            f"{field} {str(path)!r}: cannot be read as a save_to_disk directory "
+            f"({_first_line(err)})"
+        ) from err
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(
+                f"{field} {str(path)!r} has no split {split!r}; its splits: {', '.join(ds)}"
+            )
+        ds = ds[split]
+    return ds.to_list()
+
+
+def load_dataset_rows(name: str, config: str | None, split: str) -> list[dict]:
+    """Rows of ``datasets.load_dataset(name, config, split=split)``: a hub id or a local
+    dataset directory (data files, optionally with a README's configs)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as err:
+        raise DataError(
+            f"data.dataset={name!r} (config {config!r}, split {split!r}) cannot be loaded "
+            f"({_first_line(err)})"
+        ) from err
+    return ds.to_list()
+
+
+def _check_prompts(rows: list[dict], prompt_column: str, source: str) -> list[dict]:
+    if not rows:
+        raise DataError(f"{source} has no rows; expected at least one prompt")
+    missing = [i for i, r in enumerate(rows) if r.get(prompt_column) is None]
+    if missing:
+        raise DataError(
+            f"data.prompt_column={prompt_column!r} is missing from row {missing[0]} of {source} "
+            f"(columns: {sorted(rows[missing[0]])})"
+        )
+    return rows
+
+
 def training_rows(cfg: DataConfig, seed: int) -> list[dict[str, Any]]:
-    """The training prompts a config names: a file of its own, or a built-in task's train split."""
+    """The training prompts a config names: a file, a dataset, or a built-in task's train split."""
     if cfg.train_file:
-        rows = load_rows(cfg.train_file)
+        rows, source = load_rows(cfg.train_file, "data.train_file", cfg.split), cfg.train_file
+    elif cfg.dataset:
+        rows, source = load_dataset_rows(cfg.dataset, cfg.config, cfg.split), cfg.dataset
     else:
         from grpo.tasks import get_task
 
         rows = get_task(cfg.task).problems("train", cfg.num_train_prompts, seed)
-    if not rows:
-        raise ValueError("the training data has no rows")
-    missing = [i for i, r in enumerate(rows) if cfg.prompt_column not in r]
-    if missing:
-        raise ValueError(
-            f"data.prompt_column={cfg.prompt_column!r} is missing from row {missing[0]} "
-            f"(columns: {sorted(rows[missing[0]])})"
-        )
-    return rows
+        source = f"task {cfg.task!r}"
+    return _check_prompts(rows, cfg.prompt_column, source)
+
+
+def eval_rows(cfg: DataConfig, limit: int | None = None) -> list[dict[str, Any]] | None:
+    """Held-out prompts from ``data.eval_file`` or ``data.eval_split`` (at most ``limit``),
+    or None when the config names neither."""
+    if cfg.eval_file:
+        rows = load_rows(cfg.eval_file, "data.eval_file", cfg.eval_split or "test")
+        source = cfg.eval_file
+    elif cfg.eval_split and cfg.train_file:
+        rows = load_rows(cfg.train_file, "data.train_file", cfg.eval_split)
+        source = f"{cfg.train_file} [{cfg.eval_split}]"
+    elif cfg.eval_split:
+        rows = load_dataset_rows(cfg.dataset, cfg.config, cfg.eval_split)
+        source = f"{cfg.dataset} [{cfg.eval_split}]"
+    else:
+        return None
+    return _check_prompts(rows[:limit] if limit else rows, cfg.prompt_column, source)
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:

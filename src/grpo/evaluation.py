@@ -166,9 +166,66 @@ def evaluate_task(
     )
 
 
-def periodic_task_eval(cfg) -> Callable | None:
-    """For built-in tasks with ``run.eval_every``: held-out greedy accuracy (cheap: no sampling)."""
-    if cfg.data.train_file or not cfg.run.eval_every:
+def reward_eval(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    functions: Sequence[Callable],
+    weights: Sequence[float] | None,
+    max_completion_length: int,
+    prompt_column: str = "prompt",
+    batch_prompts: int = 64,
+) -> tuple[dict[str, float], str | None]:
+    """Greedy completions of ``rows`` scored with reward functions (held-out data of your own).
+
+    Returns the metrics and a warning, or None. ``accuracy`` is the share of prompts whose
+    combined reward is above 0; ``reward`` the mean combined reward; ``rewards/NAME/mean``
+    each function's mean. The warning says when every function scored every completion 0,
+    which usually means the model answers in another format than the rewards parse.
+    """
+    from grpo.rewards import score
+
+    prompts = [r[prompt_column] for r in rows]
+    columns = {key: [r[key] for r in rows] for key in rows[0] if key != prompt_column}
+    params = _params(tokenizer, 1, 0.0, max_completion_length)
+    texts = _generate_texts(model, tokenizer, prompts, params, 0, batch_prompts)
+    out = score(functions, weights, prompts, texts, columns)
+    metrics = {
+        "accuracy": (out.rewards > 0).float().mean().item(),
+        "reward": out.rewards.mean().item(),
+        **{
+            f"rewards/{name}/mean": out.per_function[:, j].nanmean().item()
+            for j, name in enumerate(out.names)
+        },
+    }
+    values = out.per_function[~out.per_function.isnan()]  # [scored entries]
+    warning = None
+    if bool((values == 0).all()):
+        warning = (
+            f"every one of the {len(rows)} greedy completions scored 0 on every reward function "
+            f"({', '.join(out.names)}): most likely the model answers in another format than "
+            f"the rewards parse (first completion: {texts[0][:80]!r})"
+        )
+    return metrics, warning
+
+
+def periodic_task_eval(cfg, reward_functions: Sequence[Callable] | None = None) -> Callable | None:
+    """The held-out evaluation ``run.eval_every`` runs, or None when it is 0.
+
+    With ``data.eval_file`` / ``data.eval_split``: greedy completions of those prompts scored
+    with the run's reward functions (``reward_eval``; loaded from ``rewards.functions`` when
+    not given). Otherwise a built-in task's test problems and its correctness check (cheap:
+    no sampling). Held-out data is read here, so an unreadable file fails before any model
+    loads.
+    """
+    if not cfg.run.eval_every:
+        return None
+    from grpo.data import eval_rows
+
+    rows = eval_rows(cfg.data, cfg.run.eval_prompts)
+    if rows is not None:
+        return _reward_eval_fn(cfg, rows, reward_functions)
+    if cfg.data.train_file or cfg.data.dataset:
         return None
     from grpo.tasks import get_task
 
@@ -199,3 +256,30 @@ def print_table(results: dict[str, dict]) -> None:
             *(f"{r[key]:.1%}" for key in ("accuracy", "sampled_accuracy", "pass_at_k", "maj_at_k")),
         )
     Console(stderr=True).print(table)
+
+
+def _reward_eval_fn(cfg, rows: list[dict], functions: Sequence[Callable] | None) -> Callable:
+    from rich.console import Console
+
+    from grpo.rewards import load_reward_function
+
+    if functions is None:
+        functions = [load_reward_function(s) for s in cfg.rewards.functions]
+    warned: list[str] = []
+
+    def eval_fn(model, tokenizer) -> dict[str, float]:
+        metrics, warning = reward_eval(
+            model,
+            tokenizer,
+            rows,
+            functions,
+            cfg.rewards.weights,
+            cfg.rollout.max_completion_length,
+            cfg.data.prompt_column,
+        )
+        if warning and not warned:  # once per run: a starting model often scores 0 at first
+            warned.append(warning)
+            Console(stderr=True).print(f"[yellow]warning:[/yellow] held-out evaluation: {warning}")
+        return metrics
+
+    return eval_fn

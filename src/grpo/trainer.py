@@ -31,9 +31,10 @@ from grpo.algorithms import build_algorithm
 from grpo.algorithms.objective import policy_loss
 from grpo.config import Config, dump_config
 from grpo.data import PromptSampler, encode_prompt, training_rows
+from grpo.evaluation import periodic_task_eval
 from grpo.hf import load_model_and_tokenizer
 from grpo.losses import Normaliser
-from grpo.metrics import MetricsLogger, current_rss_mb, memory_metrics
+from grpo.metrics import current_rss_mb, memory_metrics, open_sinks, step_samples
 from grpo.optim import build_optimizer
 from grpo.policy import DTYPES, LogpSettings, Policy, Reference
 from grpo.rewards import load_reward_function
@@ -134,20 +135,21 @@ class GRPOTrainer:
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         self.runtime.seed_everything(cfg.run.seed)
+        # data and rewards first: an unreadable input fails before the policy loads
+        self.rows = training_rows(cfg.data, cfg.run.seed)
+        functions = reward_functions or [
+            load_reward_function(s, self.runtime.device) for s in cfg.rewards.functions
+        ]
+        self.eval_fn = eval_fn or periodic_task_eval(cfg, functions)
         self.policy, self.tokenizer = setup_policy(cfg, self.runtime, model, tokenizer)
         self.reference = Reference.build(cfg, self.policy)
-        self.rows = training_rows(cfg.data, cfg.run.seed)
         col = cfg.data.prompt_column
         self.prompt_ids = [encode_prompt(self.tokenizer, r[col]) for r in self.rows]
         self.sampler = PromptSampler(len(self.rows), cfg.run.seed)
         self.engine = engine or make_engine(cfg.rollout.engine)
         self.sampling = sampling_params(cfg, self.tokenizer)
         self.generator = self.runtime.generator(cfg.run.seed)
-        functions = reward_functions or [
-            load_reward_function(s, self.runtime.device) for s in cfg.rewards.functions
-        ]
         self.scorer = RolloutScorer(cfg, self.tokenizer, functions)
-        self.eval_fn = eval_fn
         self.algorithm = build_algorithm(cfg, self.runtime, self.tokenizer)
         self.optimizer, self.scheduler = build_optimizer(self.policy.trainable_parameters(), cfg)
         untruncated = cfg.rollout.top_k == 0 and cfg.rollout.top_p >= 1
@@ -168,7 +170,7 @@ class GRPOTrainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.output_dir / "config.yaml")
         history: list[dict[str, float]] = []
-        logger = MetricsLogger(self.output_dir, cfg.optim.max_steps, self.step, cfg.run.progress)
+        logger = open_sinks(cfg, self.step)
         with logger, _deferred_sigint() as interrupted:
             if self.step == 0 and self._eval_due():  # the curve starts at the reference
                 logger.log(0, self._evaluate())
@@ -179,7 +181,7 @@ class GRPOTrainer:
                     metrics.update(self._evaluate())
                 history.append({"step": self.step, **metrics})
                 if self.step % cfg.run.log_every == 0:
-                    logger.log(self.step, metrics)
+                    logger.log(self.step, metrics, self.samples)
                 if cfg.run.save_every and self.step % cfg.run.save_every == 0:
                     self.save()
             if interrupted():
@@ -209,6 +211,9 @@ class GRPOTrainer:
             batch.ref_logp = self.reference.logp(batch, micro)  # [N, T]
         clock.lap("reference")
         self.algorithm.prepare(batch, scored, micro)
+        self.samples = step_samples(
+            scored, batch, self.cfg.data.prompt_column, self.cfg.logging.num_samples
+        )
         clock.lap("advantages")
 
         # 5. mu passes x mini-batches of whole groups: logp, loss, backward, step; then the

@@ -175,6 +175,8 @@ class Scored:
     ids: list[list[int]]  # N completion token ids, padding removed
     texts: list[str]  # N decoded completions
     rewards: torch.Tensor  # [B, G] combined reward, after shaping
+    per_function: torch.Tensor | None = None  # [N, F] each reward function's value, NaN: None
+    reward_names: list[str] = field(default_factory=list)  # [F]
 
     def select(self, keep: torch.Tensor) -> Scored:
         """The groups where ``keep [B]`` is True."""
@@ -185,6 +187,10 @@ class Scored:
             ids=[x for x, k in zip(self.ids, rows, strict=True) if k],
             texts=[x for x, k in zip(self.texts, rows, strict=True) if k],
             rewards=self.rewards[keep],
+            per_function=None
+            if self.per_function is None
+            else self.per_function[keep.cpu().repeat_interleave(self.rollout.group_size)],
+            reward_names=self.reward_names,
         )
 
     @staticmethod
@@ -195,6 +201,10 @@ class Scored:
             ids=[x for p in parts for x in p.ids],
             texts=[x for p in parts for x in p.texts],
             rewards=torch.cat([p.rewards for p in parts]),
+            per_function=None
+            if any(p.per_function is None for p in parts)
+            else torch.cat([p.per_function for p in parts]),
+            reward_names=parts[0].reward_names,
         )
 
     @property

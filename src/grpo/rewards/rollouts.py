@@ -43,7 +43,8 @@ class RolloutScorer:
             lengths, cfg.rollout.max_completion_length, r.overlong_buffer, r.overlong_penalty
         )  # [N]
         rewards = (out.rewards + shaping).view(-1, g)  # [B, G], moved to the device once
-        scored = Scored(rows, rollout, ids, texts, rewards.to(rollout.completion_ids.device))
+        device = rollout.completion_ids.device
+        scored = Scored(rows, rollout, ids, texts, rewards.to(device), out.per_function, out.names)
         return scored, reward_metrics(rewards, out)
 
 
