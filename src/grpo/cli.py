@@ -62,11 +62,53 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from grpo.hf import load_model_and_tokenizer
 
     _threads(args.threads)
+    if args.data:
+        return eval_data(args)
     model, tokenizer = load_model_and_tokenizer(args.model)
     result = evaluate_task(
         model, tokenizer, args.task, args.n, args.k, args.temperature, num_samples=args.samples
     )
     print_table({Path(args.model).name: result})
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+def eval_data(args: argparse.Namespace) -> None:
+    """``grpo eval --data FILE --reward SPEC``: greedy completions of your own prompts, scored
+    with reward functions; accuracy is the share whose combined reward is above 0."""
+    from rich.table import Table
+
+    from grpo.config import ConfigError
+    from grpo.data import load_rows
+    from grpo.evaluation import reward_eval
+    from grpo.hf import load_model_and_tokenizer
+    from grpo.rewards import load_reward_function
+
+    if not args.reward:
+        raise ConfigError("grpo eval --data needs --reward SPEC (as in rewards.functions)")
+    rows = load_rows(args.data, "--data", args.split)[: args.n]  # before the model loads
+    if not rows or any(r.get(args.prompt_column) is None for r in rows):
+        raise ConfigError(f"--data {args.data!r}: every row needs a {args.prompt_column!r} column")
+    functions = [load_reward_function(spec) for spec in args.reward]
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    result, warning = reward_eval(
+        model, tokenizer, rows, functions, None, args.max_completion_length, args.prompt_column
+    )
+    result["n"] = len(rows)
+    per_function = {k: v for k, v in result.items() if k.startswith("rewards/")}
+    table = Table(title=f"held-out evaluation on {args.data} ({len(rows)} prompts, greedy)")
+    for col in ("model", "accuracy (reward > 0)", "mean reward", *per_function):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    table.add_row(
+        Path(args.model).name,
+        f"{result['accuracy']:.1%}",
+        f"{result['reward']:.4g}",
+        *(f"{v:.4g}" for v in per_function.values()),
+    )
+    console.print(table)
+    if warning:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
@@ -81,11 +123,10 @@ def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
 
 def cmd_train(args: argparse.Namespace) -> None:
     from grpo.config import load_config
-    from grpo.evaluation import periodic_task_eval
     from grpo.trainer import GRPOTrainer
 
     cfg = load_config(*_config_and_overrides(args))
-    trainer = GRPOTrainer(cfg, eval_fn=periodic_task_eval(cfg))
+    trainer = GRPOTrainer(cfg)
     if args.resume is not None:
         step = trainer.resume(args.resume or None)
         console.print(f"resumed from step {step}")
@@ -93,7 +134,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from grpo.report import plot_run
 
     console.print(
-        f"log: {trainer.output_dir / 'metrics.jsonl'}   curves: {plot_run(trainer.output_dir)}"
+        f"log: {trainer.output_dir / 'metrics.jsonl'}   curves: {plot_run(trainer.output_dir)}   "
+        f"report: grpo report {trainer.output_dir}"
     )
 
 
@@ -122,9 +164,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from grpo.report import plot_run
+    from grpo.report import plot_run, write_run_report
 
-    console.print(f"curves written to {plot_run(args.run_dir)}")
+    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{args.run_dir!r} has no metrics.jsonl; expected a run directory")
+    console.print(f"report: {write_run_report(args.run_dir)}   curves: {plot_run(args.run_dir)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,9 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0)
     s.set_defaults(func=cmd_sft)
 
-    s = sub.add_parser("eval", help="held-out greedy accuracy, pass@k and maj@k on a built-in task")
+    s = sub.add_parser(
+        "eval", help="held-out accuracy: a built-in task (pass@k, maj@k) or --data with --reward"
+    )
     s.add_argument("--model", required=True)
     s.add_argument("--task", default="add2")
+    s.add_argument("--data", help="your own prompts: a file or save_to_disk directory")
+    s.add_argument(
+        "--reward",
+        action="append",
+        help="reward function for --data (repeatable), as in "
+        "rewards.functions: a registered name, path/file.py:function or module:function",
+    )
+    s.add_argument("--split", default="test", help="split of a DatasetDict directory in --data")
+    s.add_argument("--prompt-column", default="prompt")
+    s.add_argument("--max-completion-length", type=int, default=64)
     s.add_argument("--n", type=int, default=200, help="held-out prompts")
     s.add_argument("--k", type=int, default=8, help="k of pass@k and maj@k")
     s.add_argument("--samples", type=int, help="samples per prompt for the pass@k estimate (>= k)")
@@ -197,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output-dir", default="runs/compare")
     s.set_defaults(func=cmd_compare)
 
-    s = sub.add_parser("report", help="plot a run's curves from its metrics.jsonl")
+    s = sub.add_parser(
+        "report", help="RUN_DIR/report.html (plots, config, samples) and curves.png of a run"
+    )
     s.add_argument("run_dir")
     s.set_defaults(func=cmd_report)
     return p
@@ -209,11 +267,12 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # our own progress bars say more
     from grpo.config import ConfigError
+    from grpo.data import DataError
     from grpo.rewards import RewardError
 
     try:
         args.func(args)
-    except (ConfigError, RewardError, FileNotFoundError) as err:
+    except (ConfigError, DataError, RewardError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
     return 0

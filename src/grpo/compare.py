@@ -72,15 +72,45 @@ def summarise(run_dir: Path) -> dict:
     }
 
 
+HEAD = (
+    "arm",
+    "accuracy before -> after",
+    "reward first -> last 10%",
+    "s/step (gen / score+ref / update)",
+    "peak RSS MB (training)",
+    "weights + optimizer MB",
+    "trained params",
+)
+
+
+def table_rows(results: dict[str, dict]) -> list[list[str]]:
+    """One row of HEAD's columns per arm, formatted."""
+    rows = []
+    for arm, r in results.items():
+        acc = (
+            f"{r['accuracy_before']:.1%} -> {r['accuracy_after']:.1%}"
+            if r["accuracy_before"] is not None
+            else "n/a"
+        )
+        rows.append([
+            arm,
+            acc,
+            f"{r['reward_first_10pct']:.3f} -> {r['reward_last_10pct']:.3f}",
+            f"{r['s_per_step']:.3f} ({r['s_generation']:.3f} / "
+            f"{r['s_scoring_and_reference']:.3f} / {r['s_update']:.3f})",
+            f"{r['peak_rss_mb']:.0f} ({r['training_rss_mb']:.0f})",
+            f"{r['model_and_optimizer_bytes'] / 2**20:.1f}",
+            f"{int(r['trained_parameters']):,}",
+        ])  # fmt: skip
+    return rows
+
+
 def write_report(results: dict[str, dict], output_dir: Path) -> Path:
-    """compare.json, compare.md and compare.png in ``output_dir``; returns the Markdown path."""
-    import matplotlib
+    """compare.json, compare.md, compare.png and compare.html (every metric group, one line
+    per arm, from the arms' own logs) in ``output_dir``; returns the Markdown path."""
+    from grpo.report import html_page, html_table, plots_html, pyplot, smooth
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from grpo.report import smooth
-
+    plt = pyplot()
     (output_dir / "compare.json").write_text(json.dumps(results, indent=2))
     fig, (acc_ax, rew_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for arm, r in results.items():
@@ -88,37 +118,33 @@ def write_report(results: dict[str, dict], output_dir: Path) -> Path:
             acc_ax.plot(*zip(*r["accuracy_curve"], strict=True), "o-", label=arm)
         steps, rewards = zip(*r["reward_curve"], strict=True)
         rew_ax.plot(steps, smooth(list(rewards), max(2, len(rewards) // 10)), label=arm)
-    acc_ax.set(title="held-out greedy accuracy", xlabel="step")
-    rew_ax.set(title="mean training reward (moving average)", xlabel="step")
+    acc_ax.set(title="held-out greedy accuracy", xlabel="training step", ylabel="accuracy")
+    rew_ax.set(
+        title="mean training reward (moving average)", xlabel="training step", ylabel="reward"
+    )
     for ax in (acc_ax, rew_ax):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
+    fig.suptitle(f"grpo compare: {output_dir}")
     fig.tight_layout()
     fig.savefig(output_dir / "compare.png", dpi=100)
     plt.close(fig)
 
-    head = (
-        "| arm | accuracy before -> after | reward first -> last 10% | s/step (gen / score+ref "
-        "/ update) | peak RSS MB (training) | weights + optimizer MB | trained params |\n"
-        "|---|---|---|---|---|---|---|\n"
-    )
-    lines = []
-    for arm, r in results.items():
-        acc = (
-            f"{r['accuracy_before']:.1%} -> {r['accuracy_after']:.1%}"
-            if r["accuracy_before"] is not None
-            else "n/a"
-        )
-        lines.append(
-            f"| {arm} | {acc} | {r['reward_first_10pct']:.3f} -> {r['reward_last_10pct']:.3f} "
-            f"| {r['s_per_step']:.3f} ({r['s_generation']:.3f} / "
-            f"{r['s_scoring_and_reference']:.3f} / {r['s_update']:.3f}) "
-            f"| {r['peak_rss_mb']:.0f} ({r['training_rss_mb']:.0f}) "
-            f"| {r['model_and_optimizer_bytes'] / 2**20:.1f} | {int(r['trained_parameters']):,} |"
-        )
+    rows = table_rows(results)
     md = output_dir / "compare.md"
-    md.write_text("# grpo compare\n\n" + head + "\n".join(lines) + "\n\n![curves](compare.png)\n")
+    md.write_text(
+        "# grpo compare\n\n| " + " | ".join(HEAD) + " |\n" + "|---" * len(HEAD) + "|\n"
+        + "\n".join("| " + " | ".join(row) + " |" for row in rows)
+        + "\n\n![curves](compare.png)\n"
+    )  # fmt: skip
+    runs = {arm: read_jsonl(output_dir / arm / "metrics.jsonl") for arm in results}
+    page = html_page(
+        "grpo compare",
+        f"{output_dir}: {', '.join(results)}",
+        [("Summary", html_table(HEAD, rows)), ("Metrics", plots_html(runs, "grpo compare"))],
+    )
+    (output_dir / "compare.html").write_text(page)
     return md
 
 
