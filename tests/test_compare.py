@@ -5,6 +5,7 @@ import statistics
 
 from grpo.cli import main
 from grpo.metrics import read_jsonl
+from grpo.report import metric_groups, numeric_keys
 
 
 def test_compare_reports_numbers_from_the_runs(tiny_model_dir, tmp_path):
@@ -36,3 +37,8 @@ def test_compare_reports_numbers_from_the_runs(tiny_model_dir, tmp_path):
     )
     assert report["ppo"]["trained_parameters"] > report["grpo"]["trained_parameters"]
     assert "| ppo |" in (out / "compare.md").read_text() and (out / "compare.png").is_file()
+    # compare.html: the run report's panels, one line per arm, every group of both logs
+    keys = [k for arm in report for k in numeric_keys(read_jsonl(out / arm / "metrics.jsonl"))]
+    page = (out / "compare.html").read_text()
+    assert page.count("<img") == len(metric_groups(list(dict.fromkeys(keys))))
+    assert "<td class=\"text\">ppo</td>" in page

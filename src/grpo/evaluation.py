@@ -279,7 +279,8 @@ def _reward_eval_fn(cfg, rows: list[dict], functions: Sequence[Callable] | None)
         )
         if warning and not warned:  # once per run: a starting model often scores 0 at first
             warned.append(warning)
-            Console(stderr=True).print(f"[yellow]warning:[/yellow] held-out evaluation: {warning}")
+            message = f"[yellow]warning:[/yellow] held-out evaluation: {warning}"
+            Console(stderr=True).print(message, soft_wrap=True)
         return metrics
 
     return eval_fn
