@@ -13,8 +13,8 @@ import torch
 
 from grpo.cli import main
 from grpo.config import build_config
+from grpo.hf import load_model_and_tokenizer
 from grpo.metrics import open_sinks, read_jsonl
-from grpo.modeling import load_model_and_tokenizer
 from grpo.report import metric_groups, numeric_keys
 from grpo.trainer import GRPOTrainer
 
