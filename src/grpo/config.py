@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -234,6 +241,16 @@ class LoggingConfig(_Section):
     the first ones of the step, so whole groups when it is a multiple of G. 0: none."""
     print_samples_every: int = Field(default=0, ge=0)
     """Print the logged samples as a table on the console every N steps (0: never)."""
+
+    @field_validator("report_to")
+    @classmethod
+    def _sinks_installed(cls, sinks: list[str]) -> list[str]:
+        import importlib.util
+
+        for sink in sinks:  # found, not imported: each is imported only when used
+            if importlib.util.find_spec(sink) is None:
+                raise ValueError(f"{sink} is not installed: pip install 'grpo[{sink}]'")
+        return sinks
 
 
 class Config(_Section):
