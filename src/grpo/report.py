@@ -40,6 +40,10 @@ class Group:
     scale: Callable[[str, float], float] = lambda key, v: v
     keys: list[str] = field(default_factory=list)
 
+    def label(self, key: str) -> str:
+        """The legend entry of ``key``, naming a conversion ``scale`` made."""
+        return key if self.scale(key, 2.0**20) == 2.0**20 else f"{key} (in MB)"
+
 
 def _prefix(*prefixes: str) -> Callable[[str], bool]:
     return lambda k: k.startswith(prefixes)
@@ -62,7 +66,7 @@ def metric_groups(keys: Sequence[str]) -> list[Group]:
         Group("Reward spread within groups", "std / fraction",
               _exact("reward_std", "frac_reward_zero_std")),
         Group("Held-out evaluation", "accuracy / reward", _prefix("eval/")),
-        Group("KL to the reference", "KL per token", _exact("kl")),
+        Group("KL to the reference", "KL per token", lambda k: k == "kl" or k.startswith("kl/")),
         Group("Entropy of the policy", "nats per token", _exact("entropy")),
         Group("Clip ratios", "fraction of tokens clipped", _prefix("clip_ratio/")),
         Group("Loss", "loss", _exact("loss")),
@@ -130,7 +134,7 @@ def plot_group(runs: dict[str, list[dict]], group: Group, subtitle: str) -> byte
             steps, values = series(rows, key)
             if not steps:
                 continue
-            label = key if len(runs) == 1 else f"{run}: {key}"
+            label = group.label(key) if len(runs) == 1 else f"{run}: {group.label(key)}"
             values = [group.scale(key, v) for v in values]
             ax.plot(steps, values, "o-" if len(steps) <= 30 else "-", ms=3, label=label)
     ax.set_title(f"{group.title}\n{subtitle}", fontsize=10)
@@ -191,11 +195,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 # ---------------------------------------------------------------------- HTML
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1400px;
+       color: #222; }
 h1 { margin-bottom: 0.2em; } .meta { color: #666; margin-top: 0; }
 .plots { display: flex; flex-wrap: wrap; gap: 12px; }
-figure { margin: 0; border: 1px solid #ddd; padding: 4px; background: #fff; }
-figcaption { font-size: 0.8em; color: #555; text-align: center; }
+figure { margin: 0; border: 1px solid #ddd; padding: 4px; background: #fff; width: 576px; }
+figcaption { font-size: 0.8em; color: #555; text-align: center; overflow-wrap: anywhere; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; vertical-align: top; }
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
