@@ -172,6 +172,24 @@ def test_resumed_logs_drop_steps_past_the_checkpoint_and_a_torn_line(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "samples.jsonl")] == [1, 2, 3]
 
 
+def test_samples_table_printed_every_n_steps(tmp_path, capsys):
+    cfg = build_config(
+        overrides=[
+            f"run.output_dir={tmp_path}",
+            "run.progress=false",
+            "logging.print_samples_every=2",
+        ]
+    )
+    sample = {"prompt": "7+7=", "completion": "14", "rewards": {"exact": 1.0}, "reward": 1.0}
+    with open_sinks(cfg) as log:
+        for step in (1, 2, 3):
+            log.log(step, {"reward": 1.0}, [{**sample, "advantage": step / 4}])
+    err = capsys.readouterr().err
+    assert "samples at step 2" in err and "0.5" in err  # step 2's advantage
+    assert "samples at step 1" not in err and "samples at step 3" not in err
+    assert [r["advantage"] for r in read_jsonl(tmp_path / "samples.jsonl")] == [0.25, 0.5, 0.75]
+
+
 def test_only_the_main_process_writes(tmp_path):
     cfg = build_config(overrides=[f"run.output_dir={tmp_path / 'r'}", "run.progress=false"])
     with open_sinks(cfg, main=False) as log:
