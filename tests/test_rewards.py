@@ -346,10 +346,14 @@ def test_code_execution_sees_no_environment(monkeypatch):
 
 def test_code_execution_writes_stay_in_its_own_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = "import os\nos.system('echo hi > shell.txt')\nopen('note.txt', 'w').write('x')"
+    code = (
+        "import os\nos.system('echo hi > shell.txt')\nopen('note.txt', 'w').write('x')\n"
+        "def read(name):\n    return open(name).read()"
+    )
     tests = [
-        f"assert os.getcwd() != {str(tmp_path)!r}",
-        "assert open('note.txt').read() == 'x'",
+        f"assert os.getcwd() != {str(tmp_path)!r}",  # os is the program's module
+        "assert read('note.txt') == 'x'",
+        "assert read('shell.txt') == 'hi\\n'",
     ]
     assert run_code([fenced(code)], [tests]) == [1.0]
     assert os.listdir(tmp_path) == []  # nothing reached the trainer's working directory

@@ -1,85 +1,56 @@
 """Code execution reward: run the completion's program against the sample's tests.
 
-Each sample runs in its own Python subprocess (``python -I``: no user site, no PYTHON*
-variables), in a fresh temporary working directory, with an empty environment, stdin
-closed, output discarded, in its own session (so a timeout kills every process it started),
-under a wall-clock timeout and resource limits: address space, CPU seconds, file size, no
-core files. The trainer never waits longer than the timeout and never shares memory with
-model code.
+Model code is treated as an adversary. Each sample runs as two processes, each in its own
+bubblewrap sandbox (``sandbox.py``: own PID, network, mount, IPC and user namespaces, a
+read-only minimal root, a private /tmp, an empty environment, no capabilities): the
+*candidate* runs the model's program; the *judge* runs the tests and counts the passes,
+asking the candidate for the program's functions and values over a pipe
+(``_sandboxed.py``). Values cross as plain literals the judge rebuilds itself, so the
+program cannot forge a pass: it never sees the tests' expected values, cannot reach the
+judge's memory or its result pipe, and an object whose ``__eq__`` always returns True
+arrives as a handle that equals only itself.
 
-This isolates the trainer from accidents, not from an adversary: model code still runs as
-the trainer's user and can read or write files outside its directory, and it runs in the
-process that counts passed tests, so a policy hunting for the reward could forge the count.
-Run untrusted policies inside a container or VM.
+The candidate's processes together are bounded in memory and count (a cgroup, else
+per-process rlimits), each in CPU seconds and file size, and all of them by the timeout;
+when a sample ends, its PID namespace ends, so nothing it started keeps running. Without
+bubblewrap the reward fails closed with ``SandboxUnavailable``; ``isolation="none"`` runs
+the same two processes unisolated, which is UNSAFE with a policy that may write hostile code.
 
-Deviation from a plain ``subprocess.run(..., preexec_fn=set_limits)``: the limits are set
-by the child on itself before it runs model code, because ``preexec_fn`` is unsafe when the
-parent has threads (the Python docs warn it can deadlock), and samples run on a thread pool.
+What a test can do with the program's values: call, index, iterate, take ``len``, ``str``,
+``repr``, truth and attributes; compare only literals (None, bool, numbers, str, bytes and
+tuples, lists, sets, dicts of them; subclasses such as namedtuples arrive as their base
+type). A test that compares the program's own objects (a numpy array, an instance of a
+class it defines) fails, and so does one that passes a function of its own to the program.
+Top-level imports of a sample's tests also run in the program, as before.
 """
 
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 import os
 import re
-import secrets
-import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .sandbox import ISOLATIONS, Limits, Sandbox, sandbox
 from .scoring import register_reward
 from .text import completion_text
 
 DEFAULT_TIMEOUT = 5.0
 """Wall-clock seconds one sample may run (its program and all of its tests)."""
 DEFAULT_MEMORY_BYTES = 1 << 30
-"""Address-space limit of the sandboxed process (RLIMIT_AS): 1 GiB."""
+"""Memory of the program's processes together (and address space of each): 1 GiB."""
 DEFAULT_FILE_BYTES = 16 << 20
-"""Largest file the sandboxed process may write (RLIMIT_FSIZE): 16 MiB."""
-
-# Runs inside the child. argv[1] is a JSON payload, read then deleted before model code runs.
-# It prints "<nonce> ready" once sandboxed, then "<nonce> <passed>" once every test has run;
-# a crash, os._exit or timeout of model code leaves no second line, which scores 0.0. Model
-# output goes to /dev/null; ``__name__`` is not "__main__", so a main block reading stdin is
-# skipped.
-_RUNNER = """
-import json, os, resource, sys
-with open(sys.argv[1]) as f:
-    job = json.load(f)
-os.remove(sys.argv[1])
-for limit, value in [(resource.RLIMIT_AS, job["memory"]), (resource.RLIMIT_CPU, job["cpu"]),
-                     (resource.RLIMIT_FSIZE, job["fsize"]), (resource.RLIMIT_CORE, 0)]:
-    hard = resource.getrlimit(limit)[1]
-    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-    resource.setrlimit(limit, (value, value))
-print(job["nonce"], "ready", flush=True)
-report = os.dup(1)
-devnull = os.open(os.devnull, os.O_WRONLY)
-os.dup2(devnull, 1)
-os.dup2(devnull, 2)
-namespace = {"__name__": "completion"}
-passed = 0
-try:
-    exec(compile(job["code"], "<completion>", "exec"), namespace)
-    for kind, source in job["tests"]:
-        try:
-            exec(compile(source, "<test>", "exec"), namespace)
-        except BaseException:
-            if kind == "setup":
-                break
-        else:
-            passed += kind == "test"
-except BaseException:
-    passed = 0
-os.write(report, ("\\n%s %d\\n" % (job["nonce"], passed)).encode())
-"""
+"""Largest file the program may write (RLIMIT_FSIZE): 16 MiB."""
+DEFAULT_PROCESSES = 32
+"""Processes and threads the program may run at once."""
+DEFAULT_TMP_BYTES = 64 << 20
+"""Size of the program's private /tmp, its working directory: 64 MiB."""
 
 
 _FENCED_PYTHON = re.compile(r"```(?:python3?|py)[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL)
@@ -128,75 +99,112 @@ def run_tests(
     tests: str | list[str] | None,
     timeout: float = DEFAULT_TIMEOUT,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    isolation: str = "bwrap",
 ) -> float | None:
-    """Fraction of ``tests`` that pass after running ``code``, in a sandboxed subprocess.
+    """Fraction of ``tests`` that pass after running ``code``, in a sandbox (see module).
 
     0.0 if the code does not compile, raises, exits, or runs past ``timeout`` seconds;
     None if there are no tests. Each test runs separately: a failing assert fails one test.
+    Raises ``SandboxUnavailable`` if ``isolation="bwrap"`` cannot isolate code here.
     """
     steps = split_tests(tests)
     total = sum(kind == "test" for kind, _ in steps)
     if total == 0:
         return None
-    nonce = secrets.token_hex(16)
-    job = {
-        "code": code,
-        "tests": steps,
-        "nonce": nonce,
-        "memory": int(memory_bytes),
-        "cpu": int(timeout) + 1,
-        "fsize": DEFAULT_FILE_BYTES,
-    }
+    box = sandbox(isolation)
+    limits = Limits(
+        memory_bytes=int(memory_bytes),
+        cpu_seconds=int(timeout) + 1,
+        file_bytes=DEFAULT_FILE_BYTES,
+        processes=DEFAULT_PROCESSES,
+        tmp_bytes=DEFAULT_TMP_BYTES,
+    )
+    return min(_count_passes(box, {"code": code, "steps": steps}, limits, timeout), total) / total
+
+
+def _count_passes(box: Sandbox, job: dict, limits: Limits, timeout: float) -> int:
+    """Start the candidate and the judge, wait up to ``timeout``, read the judge's count."""
+    requests, replies = os.pipe(), os.pipe()  # (read, write): judge -> candidate, and back
+    open_fds = [*requests, *replies]
+    rlimits = json.dumps(limits.rlimits())
     # Model code may leave read-only files behind: cleanup errors must not reach the trainer.
     with tempfile.TemporaryDirectory(prefix="grpo-code-", ignore_cleanup_errors=True) as tmp:
-        workdir, payload = Path(tmp, "work"), Path(tmp, "job.json")
-        workdir.mkdir()
-        payload.write_text(json.dumps(job))
-        with Path(tmp, "out").open("w+b") as out, Path(tmp, "err").open("w+b") as err:
-            returned = _run_sandboxed([str(payload)], workdir, out, err, timeout)
-            out.seek(0)
-            if returned and out.readline() != f"{nonce} ready\n".encode():
-                raise RuntimeError(f"code sandbox failed before running any code:\n{_tail(err)}")
-            lines = _tail(out).splitlines()
-    counts = [line.split()[1] for line in lines if line.startswith(nonce + " ")]
-    counts = [count for count in counts if count.isdigit()]
-    return min(int(counts[-1]), total) / total if returned and counts else 0.0
+        root = Path(tmp)
+        (root / "work").mkdir()
+        (root / "job.json").write_text(json.dumps(job))
+        try:
+            with (
+                (root / "job.json").open("rb") as job_file,
+                (root / "candidate.out").open("w+b") as candidate_out,
+                (root / "judge.out").open("w+b") as judge_out,
+                (root / "judge.err").open("w+b") as judge_err,
+            ):
+                with (
+                    box.run(
+                        [*box.python(), "candidate", str(replies[1]), rlimits],
+                        limits,
+                        confine=True,
+                        cwd=root / "work",
+                        stdin=requests[0],
+                        stdout=candidate_out,
+                        stderr=candidate_out,
+                        pass_fds=(replies[1],),
+                    ),
+                    box.run(
+                        [*box.python(), "judge", str(requests[1]), str(replies[0]), rlimits],
+                        limits,
+                        confine=False,
+                        cwd=root,
+                        stdin=job_file,
+                        stdout=judge_out,
+                        stderr=judge_err,
+                        pass_fds=(requests[1], replies[0]),
+                    ) as judge,
+                ):
+                    while open_fds:  # only the two sandboxes hold the pipes now
+                        os.close(open_fds.pop())
+                    finished = _wait(judge, timeout)
+                # Both sandboxes have ended, with every process they started.
+                verdict = _read(judge_out).splitlines()
+                if finished and verdict[:1] != ["ready"]:
+                    raise RuntimeError(f"code sandbox (tests) failed: {_read(judge_err)[-2000:]}")
+                started = _read(candidate_out)
+                if finished and not started.startswith("ready\n"):
+                    raise RuntimeError(f"code sandbox (program) failed: {started[-2000:]}")
+        finally:
+            for fd in open_fds:
+                os.close(fd)
+    return int(verdict[1]) if finished and len(verdict) > 1 and verdict[1].isdigit() else 0
 
 
-def _tail(file: Any, size: int = 4096) -> str:
-    file.seek(0, os.SEEK_END)
-    file.seek(max(0, file.tell() - size))
-    return file.read().decode(errors="replace")
-
-
-def _run_sandboxed(args: list[str], workdir: Path, out: Any, err: Any, timeout: float) -> bool:
-    """Run the runner; True if it exited by itself within ``timeout``."""
-    process = subprocess.Popen(
-        [sys.executable, "-I", "-c", _RUNNER, *args],
-        cwd=workdir,
-        env={},
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=err,
-        start_new_session=True,  # its own process group: a timeout kills what it spawned too
-    )
+def _wait(process: subprocess.Popen, timeout: float) -> bool:
+    """True if ``process`` exited by itself within ``timeout`` seconds."""
     try:
         process.wait(timeout=timeout)
         return True
     except subprocess.TimeoutExpired:
         return False
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # the group is already gone
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+
+
+def _read(file: Any, size: int = 1 << 16) -> str:
+    file.seek(0)
+    return file.read(size).decode(errors="replace")
 
 
 def make_code_execution(
     timeout: float = DEFAULT_TIMEOUT,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     max_workers: int = 2,
+    isolation: str = "bwrap",
 ) -> Callable[..., list[float | None]]:
-    """A ``code_execution`` reward with its own timeout, memory limit and thread count."""
+    """A ``code_execution`` reward with its own timeout, memory limit and thread count.
+
+    ``isolation="bwrap"`` (default) sandboxes model code and raises ``SandboxUnavailable``
+    where it cannot; ``isolation="none"`` runs it without isolation: UNSAFE, for machines
+    where isolation is impossible and policies that are trusted not to attack the host.
+    """
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation={isolation!r}; expected one of {ISOLATIONS}")
 
     def code_execution(
         prompts: list, completions: list, tests: list[str] | list[list[str]], **kwargs: Any
@@ -205,7 +213,7 @@ def make_code_execution(
 
         ``tests`` holds, per sample, test code (each top-level ``assert`` is one test) or a
         list of tests. 0.0 on a syntax error, crash or timeout; None if a sample has no tests.
-        Samples run ``max_workers`` at a time, each in its own sandboxed subprocess.
+        Samples run ``max_workers`` at a time, each in its own sandbox.
 
         >>> code_execution(
         ...     prompts=["Write square(x)."] * 3,
@@ -222,8 +230,9 @@ def make_code_execution(
         def one(sample: tuple[Any, Any]) -> float | None:
             completion, sample_tests = sample
             code = extract_code(completion_text(completion))
-            return run_tests(code, sample_tests, timeout=timeout, memory_bytes=memory_bytes)
+            return run_tests(code, sample_tests, timeout, memory_bytes, isolation)
 
+        sandbox(isolation)  # fail closed once, before any sample, if code cannot be isolated
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
             return list(pool.map(one, zip(completions, tests, strict=True)))
 

@@ -1,0 +1,330 @@
+"""Isolation for model-written code: bubblewrap namespaces, plus a cgroup where one can be made.
+
+Every sandboxed process is started by ``bwrap`` (bubblewrap, the sandbox Flatpak uses) with:
+
+- its own user, PID, network, IPC, UTS and cgroup namespaces, no capabilities, no further
+  user namespaces, no_new_privs: it sees and can signal only its own processes (the
+  trainer is not in its PID namespace), and its network is a loopback of its own;
+- its own root: read-only binds of /usr, the /bin and /lib links and the Python
+  installation, a fresh /proc of its own PID namespace, a minimal /dev, and a private,
+  size-bounded tmpfs as /tmp and working directory. Nothing else of the host exists in it:
+  no /home, /etc, /run, no trainer directory, and an empty environment;
+- its own session, and death with the trainer. The sandbox's PID 1 is killed when the
+  sample ends; the kernel then kills every process left in its PID namespace (double
+  forks and ``setsid`` included) before the sandbox counts as ended.
+
+Limits: CPU seconds, file size and (per process) address space are rlimits set before any
+model code runs. Memory and process count of all the program's processes together are
+bounded by a cgroup (v1 ``memory`` + ``pids``, or v2 with both controllers delegated) when
+this process may create one, which root usually may; otherwise by ``RLIMIT_AS`` per process
+and ``RLIMIT_NPROC``, which counts per user namespace, so total memory is bounded only by
+their product. ``Sandbox.describe()`` says which.
+
+Fail closed: if ``bwrap`` is missing or cannot create the namespaces (a container without
+user namespaces, for example), ``sandbox("bwrap")`` raises ``SandboxUnavailable`` saying why.
+``sandbox("none")`` runs the same processes without any isolation; it is unsafe with a
+policy that may write hostile code, and exists for machines where isolation is impossible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ISOLATIONS = ("bwrap", "none")
+"""``bwrap``: namespaces (fails closed); ``none``: plain subprocesses, UNSAFE with hostile code."""
+SCRIPT = Path(__file__).with_name("_sandboxed.py")
+_SCRIPT_INSIDE = "/opt/grpo/sandboxed.py"
+_SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# Moves the shell into each cgroup given, then becomes the sandbox: nothing runs outside it.
+_ENTER_CGROUPS = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done; '
+    'exec "$@"'
+)
+
+
+_REQUIRED = ("memory.limit_in_bytes", "memory.max", "pids.max")
+
+
+class SandboxUnavailable(RuntimeError):
+    """Model code cannot be isolated on this machine; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one sandboxed program (all of its processes) may use."""
+
+    memory_bytes: int
+    """Memory of all processes together (cgroup), and address space of each (RLIMIT_AS)."""
+    cpu_seconds: int
+    """CPU seconds of each process (RLIMIT_CPU); the caller's wall-clock timeout bounds all."""
+    file_bytes: int
+    """Largest file a process may write (RLIMIT_FSIZE)."""
+    processes: int
+    """Processes and threads (cgroup pids.max, and RLIMIT_NPROC)."""
+    tmp_bytes: int
+    """Size of the private /tmp, the working directory."""
+
+    def rlimits(self) -> dict[str, int]:
+        """The limits ``_sandboxed.set_limits`` applies inside."""
+        return {
+            "memory": self.memory_bytes,
+            "cpu": self.cpu_seconds,
+            "fsize": self.file_bytes,
+            "nproc": self.processes,
+        }
+
+
+@dataclass(frozen=True)
+class _Cgroups:
+    """Directories under which this process may create cgroups, and the files to limit."""
+
+    version: int
+    parents: tuple[tuple[Path, tuple[str, ...]], ...]
+
+    def create(self, limits: Limits) -> list[Path]:
+        values = {
+            "memory.limit_in_bytes": limits.memory_bytes,
+            "memory.memsw.limit_in_bytes": limits.memory_bytes,  # no escape into swap
+            "memory.max": limits.memory_bytes,
+            "memory.swap.max": 0,
+            "pids.max": limits.processes,
+        }
+        made: list[Path] = []
+        try:
+            for parent, files in self.parents:
+                made.append(parent / f"grpo-sandbox-{secrets.token_hex(8)}")
+                made[-1].mkdir()
+                for name in files:
+                    if name in _REQUIRED or (made[-1] / name).exists():
+                        (made[-1] / name).write_text(str(values[name]))
+        except OSError:
+            _remove_cgroups(made)
+            raise
+        return made
+
+
+def _remove_cgroups(groups: list[Path]) -> None:
+    """Kill whatever is still in ``groups`` (only sandboxed processes are), then remove them."""
+    for group in groups:
+        for _ in range(200):
+            with contextlib.suppress(OSError):
+                pids = (group / "cgroup.procs").read_text().split()
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+                group.rmdir()
+                break
+            time.sleep(0.01)
+
+
+def _find_cgroups() -> _Cgroups | None:
+    """The cgroup hierarchies where memory and pids limits can be set, or None."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    own = {c: p for _, cs, p in (line.split(":", 2) for line in lines) for c in cs.split(",")}
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").exists() and "" in own:
+        parent = root / own[""].lstrip("/")
+        try:
+            delegated = (parent / "cgroup.subtree_control").read_text().split()
+        except OSError:
+            return None
+        if not {"memory", "pids"} <= set(delegated):
+            return None
+        found = _Cgroups(2, ((parent, ("memory.max", "memory.swap.max", "pids.max")),))
+    elif "memory" in own and "pids" in own:
+        parents = []
+        for controller, files in [
+            ("memory", ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")),
+            ("pids", ("pids.max",)),
+        ]:
+            parent = root / controller / own[controller].lstrip("/")
+            parents.append((parent if parent.is_dir() else root / controller, files))
+        found = _Cgroups(1, tuple(parents))
+    else:
+        return None
+    try:  # only trying tells whether this process may
+        _remove_cgroups(found.create(Limits(1 << 30, 1, 1, 64, 1)))
+    except OSError:
+        return None
+    return found
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """Starts programs isolated by bubblewrap (``bwrap`` set) or, unsafely, as plain processes."""
+
+    bwrap: str | None
+    options: tuple[str, ...]
+    """Optional bwrap flags this version has (``--disable-userns``, ``--size``)."""
+    cgroups: _Cgroups | None
+
+    def describe(self) -> str:
+        """One line: the isolation and how memory and processes are bounded."""
+        if self.bwrap is None:
+            return "none (UNSAFE: model code runs as this user, with its files and network)"
+        if self.cgroups is not None:
+            bound = f"cgroup v{self.cgroups.version} (all processes of a sample together)"
+        else:
+            bound = "RLIMIT_AS per process and RLIMIT_NPROC (no cgroup could be created)"
+        return f"bubblewrap ({self.bwrap}); memory and processes: {bound}"
+
+    def python(self) -> list[str]:
+        """The command that runs ``_sandboxed.py`` in this sandbox."""
+        return [sys.executable, "-I", _SCRIPT_INSIDE if self.bwrap else str(SCRIPT)]
+
+    @contextlib.contextmanager
+    def run(
+        self, argv: list[str], limits: Limits, *, confine: bool, cwd: Path, **popen: Any
+    ) -> Iterator[subprocess.Popen]:
+        """Start ``argv`` (in a cgroup if ``confine`` and one can be made); kill all on exit.
+
+        ``cwd`` is the working directory when unisolated; bwrap uses its private /tmp.
+        """
+        groups = self.cgroups.create(limits) if confine and self.cgroups is not None else []
+        info_read, info_write = os.pipe() if self.bwrap else (-1, -1)
+        inner = None
+        try:
+            command = self._command(argv, limits, info_write)
+            if groups:
+                procs = [str(group / "cgroup.procs") for group in groups]
+                command = ["/bin/sh", "-c", _ENTER_CGROUPS, "sh", str(len(procs)), *procs, *command]
+            pass_fds = (*popen.pop("pass_fds", ()), *([info_write] if self.bwrap else []))
+            process = subprocess.Popen(
+                command, cwd=cwd, env={}, start_new_session=True, pass_fds=pass_fds, **popen
+            )
+            inner = _Inner(process)
+            if self.bwrap:
+                os.close(info_write)
+                info_write = -1
+                inner.pidfd = _read_child_pidfd(info_read)
+            yield process
+        finally:
+            if inner is not None:
+                inner.close()
+            for fd in (info_read, info_write):
+                if fd >= 0:
+                    os.close(fd)
+            _remove_cgroups(groups)
+
+    def _command(self, argv: list[str], limits: Limits, info_fd: int) -> list[str]:
+        if self.bwrap is None:
+            return argv
+        args = [self.bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL"]
+        args += ["--disable-userns"] if "--disable-userns" in self.options else []
+        args += ["--die-with-parent", "--new-session", "--clearenv", "--info-fd", str(info_fd)]
+        args += ["--proc", "/proc", "--dev", "/dev", "--ro-bind", "/usr", "/usr"]
+        for path in _SYSTEM_DIRS:
+            if os.path.islink(path):
+                args += ["--symlink", os.readlink(path), path]
+            elif os.path.isdir(path):
+                args += ["--ro-bind", path, path]
+        for prefix in sorted({sys.base_prefix, sys.prefix}):
+            if not prefix.startswith("/usr/") and prefix != "/usr":
+                args += ["--ro-bind", prefix, prefix]
+        args += ["--ro-bind", str(SCRIPT), _SCRIPT_INSIDE]
+        args += ["--size", str(limits.tmp_bytes)] if "--size" in self.options else []
+        return [*args, "--tmpfs", "/tmp", "--chdir", "/tmp", "--", *argv]
+
+
+class _Inner:
+    """The sandbox's PID 1 as a pidfd (from bwrap's --info-fd), to end everything at once."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.pidfd = -1
+
+    def close(self) -> None:
+        """Kill the namespace's PID 1 (the kernel then kills the rest), then bwrap."""
+        if self.pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            os.close(self.pidfd)
+        with contextlib.suppress(ProcessLookupError):  # unisolated: the session's group
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()  # bwrap reaps PID 1 only after the kernel emptied the namespace
+
+
+def _read_child_pidfd(info_fd: int) -> int:
+    """A pidfd for the ``child-pid`` bwrap reports, or -1 if it ended before reporting."""
+    data = b""
+    while True:
+        ready, _, _ = select.select([info_fd], [], [], 30.0)
+        chunk = os.read(info_fd, 4096) if ready else b""
+        data += chunk
+        with contextlib.suppress(ValueError):
+            pid = int(json.loads(data)["child-pid"])
+            try:
+                return os.pidfd_open(pid)
+            except ProcessLookupError:
+                return -1
+        if not chunk:
+            return -1
+
+
+@functools.cache
+def _bubblewrap(path: str | None) -> Sandbox:
+    if path is None:
+        raise SandboxUnavailable(
+            "code_execution: cannot isolate model code: bubblewrap (bwrap) is not on PATH; "
+            "install it (apt-get install bubblewrap), or pass isolation='none' to "
+            "make_code_execution to run model code UNSAFELY without isolation"
+        )
+    usage = subprocess.run([path, "--help"], capture_output=True, text=True).stdout
+    options = tuple(flag for flag in ("--disable-userns", "--size") if flag in usage)
+    candidate = Sandbox(path, options, None)
+    limits = Limits(256 << 20, 5, 1 << 20, 16, 1 << 20)
+    with (
+        open(os.devnull, "rb") as stdin,
+        tempfile.TemporaryFile() as err,
+        candidate.run(
+            [*candidate.python()[:2], "-c", "pass"],
+            limits,
+            confine=False,
+            cwd=Path("/"),
+            stdin=stdin,
+            stdout=err,
+            stderr=err,
+        ) as process,
+    ):
+        process.wait()
+    if process.returncode != 0:
+        err.seek(0)
+        why = err.read().decode(errors="replace").strip().splitlines() or ["no message"]
+        raise SandboxUnavailable(
+            f"code_execution: cannot isolate model code: {path} failed with {why[-1]!r}; "
+            "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1) "
+            "or run where they are allowed, or pass isolation='none' to make_code_execution "
+            "to run model code UNSAFELY without isolation"
+        )
+    return Sandbox(path, options, _find_cgroups())
+
+
+def sandbox(isolation: str = "bwrap") -> Sandbox:
+    """The sandbox for ``isolation`` (see ``ISOLATIONS``), checked once by running it.
+
+    Raises ``SandboxUnavailable`` (one line: why, and what to do) if bwrap is missing or
+    cannot create its namespaces here.
+    """
+    if isolation == "none":
+        return Sandbox(None, (), None)
+    if isolation != "bwrap":
+        raise ValueError(f"isolation={isolation!r}; expected one of {ISOLATIONS}")
+    return _bubblewrap(shutil.which("bwrap"))
