@@ -12,12 +12,14 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import threading
 from pathlib import Path
 
 import pytest
 
+import grpo.rewards.sandbox as sandbox_module
 from grpo.rewards.code import (
     DEFAULT_FILE_BYTES,
     DEFAULT_PROCESSES,
@@ -423,3 +425,29 @@ def test_fails_closed_without_bubblewrap(tmp_path, monkeypatch):
 def test_unknown_isolation_is_refused():
     with pytest.raises(ValueError, match="isolation='docker'; expected one of"):
         make_code_execution(isolation="docker")
+
+
+def test_fails_closed_without_user_namespaces():
+    # The check runs in a bwrap sandbox that forbids creating user namespaces, as some
+    # containers do; sandbox.py is stdlib only, so it is loaded by path, without torch.
+    path = Path(sandbox_module.__file__)
+    check = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('sandbox', {str(path)!r})\n"
+        "module = sys.modules['sandbox'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "try:\n"
+        "    module.sandbox('bwrap')\n"
+        "except module.SandboxUnavailable as error:\n"
+        "    print(error)\n"
+    )
+    command = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    command += ["--tmpfs", "/tmp", "--unshare-user", "--unshare-pid", "--disable-userns"]
+    result = subprocess.run(
+        [*command, "--", sys.executable, "-I", "-c", check], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    message = result.stdout.strip()
+    assert message.startswith("code_execution: cannot isolate model code: ")
+    assert "isolation='none'" in message
+    assert "\n" not in message

@@ -257,9 +257,12 @@ class _Inner:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
             os.close(self.pidfd)
+            # bwrap reaps PID 1, and exits, only after the kernel emptied the namespace
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
         with contextlib.suppress(ProcessLookupError):  # unisolated: the session's group
             os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()  # bwrap reaps PID 1 only after the kernel emptied the namespace
+        self.process.wait()
 
 
 def _read_child_pidfd(info_fd: int) -> int:
@@ -291,23 +294,15 @@ def _bubblewrap(path: str | None) -> Sandbox:
     options = tuple(flag for flag in ("--disable-userns", "--size") if flag in usage)
     candidate = Sandbox(path, options, None)
     limits = Limits(256 << 20, 5, 1 << 20, 16, 1 << 20)
-    with (
-        open(os.devnull, "rb") as stdin,
-        tempfile.TemporaryFile() as err,
-        candidate.run(
-            [*candidate.python()[:2], "-c", "pass"],
-            limits,
-            confine=False,
-            cwd=Path("/"),
-            stdin=stdin,
-            stdout=err,
-            stderr=err,
-        ) as process,
-    ):
-        process.wait()
-    if process.returncode != 0:
+    with open(os.devnull, "rb") as stdin, tempfile.TemporaryFile() as err:
+        python = [*candidate.python()[:2], "-c", "pass"]
+        with candidate.run(
+            python, limits, confine=False, cwd=Path("/"), stdin=stdin, stdout=err, stderr=err
+        ) as process:
+            process.wait()
         err.seek(0)
         why = err.read().decode(errors="replace").strip().splitlines() or ["no message"]
+    if process.returncode != 0:
         raise SandboxUnavailable(
             f"code_execution: cannot isolate model code: {path} failed with {why[-1]!r}; "
             "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1) "
