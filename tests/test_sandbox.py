@@ -207,11 +207,19 @@ SQUARE_TESTS = "assert square(2) == 4\nassert square(3) == 9"
                     pass
         os._exit(0)
         """,
+        # Builtins and modules the tests use, rewritten by the program.
+        """
+        import math
+        math.isclose = lambda *args, **kwargs: True
+        abs = lambda value: 0
+        """,
     ],
-    ids=["runner-variables", "always-equal", "result-on-every-fd"],
+    ids=["runner-variables", "always-equal", "result-on-every-fd", "shadow-abs-and-math"],
 )
 def test_pass_count_cannot_be_forged(forgery):
-    assert score(WRONG_SQUARE + textwrap.dedent(forgery), SQUARE_TESTS) == 0.0
+    tests = [*SQUARE_TESTS.splitlines(), "assert abs(square(2) - 4) < 1e-9"]
+    tests += ["assert math.isclose(square(3), 9)"]  # math: the tests do not import it
+    assert score(WRONG_SQUARE + textwrap.dedent(forgery), tests) == 0.0
 
 
 # ---- the trainer's environment and files --------------------------------------------------
