@@ -287,6 +287,19 @@ def test_writes_stay_inside_the_sandbox(tmp_path):
     assert [p for p in [*escapes, Path("/usr/grpo-escape")] if p.exists()] == []
 
 
+def test_cannot_change_host_settings():
+    # Checked with access(2), never written: uid 0 without capabilities (a root trainer's
+    # sandbox without the drop to nobody) may write these host-wide files.
+    code = """
+        import os
+        paths = ['/proc/sys/kernel/core_pattern', '/proc/sys/vm/overcommit_memory',
+                 '/proc/sys/vm/drop_caches', '/proc/sysrq-trigger', '/usr/bin', '/', '/dev']
+        writable = [path for path in paths if os.access(path, os.W_OK)]
+        checked = True
+    """
+    assert score(code, ["assert writable == []", "assert checked"]) == 1.0
+
+
 # ---- network ----------------------------------------------------------------------------
 
 

@@ -49,6 +49,10 @@ ISOLATIONS = ("bwrap", "none")
 """``bwrap``: namespaces (fails closed); ``none``: plain subprocesses, UNSAFE with hostile code."""
 SCRIPT = Path(__file__).with_name("_sandboxed.py")
 _SCRIPT_INSIDE = "/opt/grpo/sandboxed.py"
+NOBODY = 65534
+"""The uid and gid sandboxes run as when the trainer is root."""
+_SHM_BYTES = 8 << 20
+"""Size of the sandbox's /dev/shm (POSIX shared memory, semaphores)."""
 _SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # Moves the shell into each cgroup given, then becomes the sandbox: nothing runs outside it.
 _ENTER_CGROUPS = (
@@ -175,6 +179,10 @@ class Sandbox:
     options: tuple[str, ...]
     """Optional bwrap flags this version has (``--disable-userns``, ``--size``)."""
     cgroups: _Cgroups | None
+    user: int | None = None
+    """The uid and gid sandboxes run as when this process is root (nobody), else None."""
+    setpriv: str | None = None
+    """util-linux ``setpriv``, which drops to ``user`` after joining the cgroups."""
 
     def describe(self) -> str:
         """One line: the isolation and how memory and processes are bounded."""
@@ -184,7 +192,8 @@ class Sandbox:
             bound = f"cgroup v{self.cgroups.version} (all processes of a sample together)"
         else:
             bound = "RLIMIT_AS per process and RLIMIT_NPROC (no cgroup could be created)"
-        return f"bubblewrap ({self.bwrap}); memory and processes: {bound}"
+        who = f", as uid {self.user}" if self.user is not None else ""
+        return f"bubblewrap ({self.bwrap}{who}); memory and processes: {bound}"
 
     def python(self) -> list[str]:
         """The command that runs ``_sandboxed.py`` in this sandbox."""
@@ -199,36 +208,48 @@ class Sandbox:
         ``cwd`` is the working directory when unisolated; bwrap uses its private /tmp.
         """
         groups = self.cgroups.create(limits) if confine and self.cgroups is not None else []
-        info_read, info_write = os.pipe() if self.bwrap else (-1, -1)
-        inner = None
-        try:
+        with contextlib.ExitStack() as cleanup:  # runs last-in first-out
+            cleanup.callback(_remove_cgroups, groups)
+            fds: list[int] = []
+            cleanup.callback(_close_all, fds)
+            info_read, info_write = os.pipe() if self.bwrap else (-1, -1)
+            fds += [info_read, info_write] if self.bwrap else []
             command = self._command(argv, limits, info_write)
             if groups:
                 procs = [str(group / "cgroup.procs") for group in groups]
                 command = ["/bin/sh", "-c", _ENTER_CGROUPS, "sh", str(len(procs)), *procs, *command]
-            pass_fds = (*popen.pop("pass_fds", ()), *([info_write] if self.bwrap else []))
             process = subprocess.Popen(
-                command, cwd=cwd, env={}, start_new_session=True, pass_fds=pass_fds, **popen
+                command,
+                cwd="/" if self.bwrap else cwd,
+                env={},
+                start_new_session=True,
+                pass_fds=(*popen.pop("pass_fds", ()), *([info_write] if self.bwrap else [])),
+                **popen,
             )
             inner = _Inner(process)
+            cleanup.callback(inner.close)
             if self.bwrap:
-                os.close(info_write)
-                info_write = -1
+                os.close(fds.pop())  # only bwrap holds the info-fd now: it ends when bwrap does
                 inner.pidfd = _read_child_pidfd(info_read)
             yield process
-        finally:
-            if inner is not None:
-                inner.close()
-            for fd in (info_read, info_write):
-                if fd >= 0:
-                    os.close(fd)
-            _remove_cgroups(groups)
 
     def _command(self, argv: list[str], limits: Limits, info_fd: int) -> list[str]:
         if self.bwrap is None:
             return argv
-        args = [self.bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL"]
-        args += ["--disable-userns"] if "--disable-userns" in self.options else []
+        args = [self.bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts"]
+        args += ["--unshare-cgroup-try", "--cap-drop", "ALL"]
+        if self.user is None:  # an ordinary user: a user namespace of its own, no capabilities
+            args += ["--unshare-user"]
+            args += ["--disable-userns"] if "--disable-userns" in self.options else []
+        else:
+            # Root: uid 0 without capabilities could still write root-owned files such as
+            # /proc/sys/kernel/core_pattern, so the program runs as nobody (setpriv, after
+            # bwrap built the namespaces), with all capabilities and their bounding set gone.
+            args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+            args += ["--cap-add", "CAP_SETPCAP"]
+            uid = str(self.user)
+            argv = [self.setpriv or "setpriv", "--reuid", uid, "--regid", uid, "--clear-groups",
+                    "--inh-caps=-all", "--bounding-set=-all", "--", *argv]  # fmt: skip
         args += ["--die-with-parent", "--new-session", "--clearenv", "--info-fd", str(info_fd)]
         args += ["--proc", "/proc", "--dev", "/dev", "--ro-bind", "/usr", "/usr"]
         for path in _SYSTEM_DIRS:
@@ -236,12 +257,25 @@ class Sandbox:
                 args += ["--symlink", os.readlink(path), path]
             elif os.path.isdir(path):
                 args += ["--ro-bind", path, path]
-        for prefix in sorted({sys.base_prefix, sys.prefix}):
-            if not prefix.startswith("/usr/") and prefix != "/usr":
-                args += ["--ro-bind", prefix, prefix]
-        args += ["--ro-bind", str(SCRIPT), _SCRIPT_INSIDE]
-        args += ["--size", str(limits.tmp_bytes)] if "--size" in self.options else []
-        return [*args, "--tmpfs", "/tmp", "--chdir", "/tmp", "--", *argv]
+        prefixes = {p for p in {sys.base_prefix, sys.prefix} if p != "/usr" and p[:5] != "/usr/"}
+        binds = [(prefix, prefix) for prefix in sorted(prefixes)]
+        for source, target in [*binds, (str(SCRIPT), _SCRIPT_INSIDE)]:
+            for parent in reversed(Path(target).parents[:-1]):  # bwrap would copy 0700 /root
+                args += ["--perms", "0755", "--dir", str(parent)]
+            args += ["--ro-bind", source, target]
+        # The only writable places, each a size-bounded tmpfs; / and /dev are read-only, so
+        # they are no unbounded RAM disk either.
+        for tmpfs, size in [("/tmp", limits.tmp_bytes), ("/dev/shm", _SHM_BYTES)]:
+            args += ["--size", str(size)] if "--size" in self.options else []
+            args += ["--perms", "1777", "--tmpfs", tmpfs]
+        args += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp"]
+        return [*args, "--", *argv]
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())
 
 
 class _Inner:
@@ -292,7 +326,14 @@ def _bubblewrap(path: str | None) -> Sandbox:
         )
     usage = subprocess.run([path, "--help"], capture_output=True, text=True).stdout
     options = tuple(flag for flag in ("--disable-userns", "--size") if flag in usage)
-    candidate = Sandbox(path, options, None)
+    user, setpriv = (NOBODY, shutil.which("setpriv")) if os.geteuid() == 0 else (None, None)
+    if user is not None and setpriv is None:
+        raise SandboxUnavailable(
+            "code_execution: cannot isolate model code as root: setpriv (util-linux) is not "
+            "on PATH to run it as nobody; install util-linux, or pass isolation='none' to "
+            "make_code_execution to run model code UNSAFELY without isolation"
+        )
+    candidate = Sandbox(path, options, None, user, setpriv)
     limits = Limits(256 << 20, 5, 1 << 20, 16, 1 << 20)
     with open(os.devnull, "rb") as stdin, tempfile.TemporaryFile() as err:
         python = [*candidate.python()[:2], "-c", "pass"]
@@ -309,7 +350,7 @@ def _bubblewrap(path: str | None) -> Sandbox:
             "or run where they are allowed, or pass isolation='none' to make_code_execution "
             "to run model code UNSAFELY without isolation"
         )
-    return Sandbox(path, options, _find_cgroups())
+    return Sandbox(path, options, _find_cgroups(), user, setpriv)
 
 
 def sandbox(isolation: str = "bwrap") -> Sandbox:
