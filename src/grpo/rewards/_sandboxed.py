@@ -132,6 +132,8 @@ def set_limits(limits: dict[str, int]) -> None:
         ("RLIMIT_NPROC", limits["nproc"]),
         ("RLIMIT_CORE", 0),
     ]:
+        if value < 0:
+            continue
         limit = getattr(resource, name)
         hard = resource.getrlimit(limit)[1]
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)

@@ -126,7 +126,7 @@ def _count_passes(box: Sandbox, job: dict, limits: Limits, timeout: float) -> in
     """Start the candidate and the judge, wait up to ``timeout``, read the judge's count."""
     requests, replies = os.pipe(), os.pipe()  # (read, write): judge -> candidate, and back
     open_fds = [*requests, *replies]
-    rlimits = json.dumps(limits.rlimits())
+    rlimits = json.dumps(limits.rlimits(count_processes=box.cgroups is None))
     # Model code may leave read-only files behind: cleanup errors must not reach the trainer.
     with tempfile.TemporaryDirectory(prefix="grpo-code-", ignore_cleanup_errors=True) as tmp:
         root = Path(tmp)

@@ -2,13 +2,18 @@
 
 Every sandboxed process is started by ``bwrap`` (bubblewrap, the sandbox Flatpak uses) with:
 
-- its own user, PID, network, IPC, UTS and cgroup namespaces, no capabilities, no further
-  user namespaces, no_new_privs: it sees and can signal only its own processes (the
-  trainer is not in its PID namespace), and its network is a loopback of its own;
+- its own PID, network, IPC, UTS and cgroup namespaces, no capabilities, no_new_privs: it
+  sees and can signal only its own processes (the trainer is not in its PID namespace),
+  and its network is a loopback of its own. Who it runs as: an ordinary user's sandbox
+  gets a user namespace of its own that may not create more; a root trainer's sandbox
+  runs as nobody (uid 65534, dropped by ``setpriv`` once bwrap has built the namespaces),
+  because uid 0 without capabilities may still write root-owned files such as
+  ``/proc/sys/kernel/core_pattern``;
 - its own root: read-only binds of /usr, the /bin and /lib links and the Python
-  installation, a fresh /proc of its own PID namespace, a minimal /dev, and a private,
-  size-bounded tmpfs as /tmp and working directory. Nothing else of the host exists in it:
-  no /home, /etc, /run, no trainer directory, and an empty environment;
+  installation, a fresh /proc of its own PID namespace, a minimal read-only /dev, and two
+  size-bounded tmpfs, /dev/shm and /tmp (the working directory), the only places it can
+  write. Nothing else of the host exists in it: no /home, /etc, /run, no trainer
+  directory, and an empty environment;
 - its own session, and death with the trainer. The sandbox's PID 1 is killed when the
   sample ends; the kernel then kills every process left in its PID namespace (double
   forks and ``setsid`` included) before the sandbox counts as ended.
@@ -17,8 +22,9 @@ Limits: CPU seconds, file size and (per process) address space are rlimits set b
 model code runs. Memory and process count of all the program's processes together are
 bounded by a cgroup (v1 ``memory`` + ``pids``, or v2 with both controllers delegated) when
 this process may create one, which root usually may; otherwise by ``RLIMIT_AS`` per process
-and ``RLIMIT_NPROC``, which counts per user namespace, so total memory is bounded only by
-their product. ``Sandbox.describe()`` says which.
+and ``RLIMIT_NPROC`` (which counts per user namespace for an ordinary user's sandbox), so
+total memory is bounded only by their product. ``Sandbox.describe()`` says which. No
+seccomp filter is installed: the kernel's system calls are all reachable.
 
 Fail closed: if ``bwrap`` is missing or cannot create the namespaces (a container without
 user namespaces, for example), ``sandbox("bwrap")`` raises ``SandboxUnavailable`` saying why.
@@ -83,13 +89,17 @@ class Limits:
     tmp_bytes: int
     """Size of the private /tmp, the working directory."""
 
-    def rlimits(self) -> dict[str, int]:
-        """The limits ``_sandboxed.set_limits`` applies inside."""
+    def rlimits(self, count_processes: bool) -> dict[str, int]:
+        """The limits ``_sandboxed.set_limits`` applies inside.
+
+        ``count_processes``: set RLIMIT_NPROC too (-1: unlimited). Not under a cgroup's
+        pids limit: for nobody it would count every sample's processes together.
+        """
         return {
             "memory": self.memory_bytes,
             "cpu": self.cpu_seconds,
             "fsize": self.file_bytes,
-            "nproc": self.processes,
+            "nproc": self.processes if count_processes else -1,
         }
 
 
