@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import grpo.rewards
+import grpo.rewards._sandboxed
 from grpo.rewards import (
     REWARDS,
     RewardError,
@@ -370,7 +371,13 @@ def test_code_execution_output_cannot_fake_the_count():
 
 @pytest.mark.parametrize(
     "module",
-    [grpo.rewards.text, grpo.rewards.math, grpo.rewards.format, grpo.rewards.code],
+    [
+        grpo.rewards.text,
+        grpo.rewards.math,
+        grpo.rewards.format,
+        grpo.rewards.code,
+        grpo.rewards._sandboxed,
+    ],
     ids=lambda m: m.__name__,
 )
 def test_docstring_examples(module):

@@ -7,6 +7,8 @@ process of the sample (found by a marker process name) is left running afterward
 """
 
 import contextlib
+import json
+import math
 import os
 import secrets
 import signal
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import grpo.rewards._sandboxed as _sandboxed
 import grpo.rewards.sandbox as sandbox_module
 from grpo.rewards.code import (
     DEFAULT_FILE_BYTES,
@@ -472,3 +475,31 @@ def test_fails_closed_without_user_namespaces():
     assert message.startswith("code_execution: cannot isolate model code: ")
     assert "isolation='none'" in message
     assert "\n" not in message
+
+
+# ---- values on the wire -------------------------------------------------------------------
+
+
+def test_values_cross_as_plain_literals():
+    value = [None, True, -(10**5000), 0.1, float("inf"), 1 - 2j, "é", b"\0", (1,), {2}]
+    value += [frozenset({3}), {"k": [4]}]
+    wire = json.loads(json.dumps(_sandboxed.encode(value, repr)))
+    assert _sandboxed.decode(wire, None) == value
+    assert math.isnan(_sandboxed.decode(_sandboxed.encode(float("nan"), repr), None))
+    with pytest.raises(ValueError, match="not an encoded value"):
+        _sandboxed.decode(3, None)  # a bare number is not what encode writes
+    with pytest.raises(ValueError, match="expected a string"):
+        _sandboxed.decode({"i": 3}, None)
+    with pytest.raises(ValueError, match="nested deeper"):
+        _sandboxed.decode([[[]]], None, depth=_sandboxed.MAX_DEPTH - 1)
+
+
+def test_objects_that_are_not_literals_become_handles():
+    class Anything:
+        def __eq__(self, other):
+            return True
+
+    kept = []
+    wire = _sandboxed.encode((Anything(), [1]), lambda obj: kept.append(obj) or {"h": 0})
+    assert wire == {"t": [{"h": 0}, [{"i": "0x1"}]]}
+    assert _sandboxed.decode(wire, lambda handle: ("handle", handle)) == (("handle", 0), [1])

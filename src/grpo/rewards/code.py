@@ -1,8 +1,9 @@
 """Code execution reward: run the completion's program against the sample's tests.
 
 Model code is treated as an adversary. Each sample runs as two processes, each in its own
-bubblewrap sandbox (``sandbox.py``: own PID, network, mount, IPC and user namespaces, a
-read-only minimal root, a private /tmp, an empty environment, no capabilities): the
+bubblewrap sandbox (``sandbox.py``: own PID, network, mount and IPC namespaces, a
+read-only minimal root, a private /tmp, an empty environment, no capabilities, an
+unprivileged user): the
 *candidate* runs the model's program; the *judge* runs the tests and counts the passes,
 asking the candidate for the program's functions and values over a pipe
 (``_sandboxed.py``). Values cross as plain literals the judge rebuilds itself, so the
@@ -21,7 +22,10 @@ What a test can do with the program's values: call, index, iterate, take ``len``
 tuples, lists, sets, dicts of them; subclasses such as namedtuples arrive as their base
 type). A test that compares the program's own objects (a numpy array, an instance of a
 class it defines) fails, and so does one that passes a function of its own to the program.
-Top-level imports of a sample's tests also run in the program, as before.
+Names a test uses resolve in the test's own globals, then builtins, then the program's
+globals; a module the program imported is imported again in the judge, so the program
+cannot rewrite ``abs`` or ``math.isclose`` for the tests. Top-level imports of a sample's
+tests also run in the program, as before.
 """
 
 from __future__ import annotations
