@@ -354,11 +354,16 @@ def _bubblewrap(path: str | None) -> Sandbox:
         err.seek(0)
         why = err.read().decode(errors="replace").strip().splitlines() or ["no message"]
     if process.returncode != 0:
+        fix = (
+            "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, "
+            "user.max_user_namespaces > 0) or run where they are allowed"
+            if "namespace" in why[-1]
+            else "Python must run from /usr or its own prefix"
+        )
         raise SandboxUnavailable(
             f"code_execution: cannot isolate model code: {path} failed with {why[-1]!r}; "
-            "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1) "
-            "or run where they are allowed, or pass isolation='none' to make_code_execution "
-            "to run model code UNSAFELY without isolation"
+            f"{fix}, or pass isolation='none' to make_code_execution to run model code "
+            "UNSAFELY without isolation"
         )
     return Sandbox(path, options, _find_cgroups(), user, setpriv)
 
