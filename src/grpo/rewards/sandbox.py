@@ -192,7 +192,7 @@ class Sandbox:
     user: int | None = None
     """The uid and gid sandboxes run as when this process is root (nobody), else None."""
     setpriv: str | None = None
-    """util-linux ``setpriv``, which drops to ``user`` after joining the cgroups."""
+    """util-linux ``setpriv``, which drops to ``user`` inside, once bwrap built the sandbox."""
 
     def describe(self) -> str:
         """One line: the isolation and how memory and processes are bounded."""
@@ -316,7 +316,7 @@ def _read_child_pidfd(info_fd: int) -> int:
         ready, _, _ = select.select([info_fd], [], [], 30.0)
         chunk = os.read(info_fd, 4096) if ready else b""
         data += chunk
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
             pid = int(json.loads(data)["child-pid"])
             try:
                 return os.pidfd_open(pid)
