@@ -13,6 +13,7 @@ from grpo.losses import (
     Normaliser,
     aggregate,
     clipped_surrogate,
+    importance_weighted_kl,
     kl_divergence,
     sequence_ratio,
 )
@@ -32,6 +33,37 @@ def test_kl_estimators_hand_values():
     assert_close(kl_divergence(logp, ref_logp, "k2"), torch.tensor([[LN2**2 / 2, LN2**2 / 2]]))
     assert_close(kl_divergence(logp, ref_logp, "k3"), torch.tensor([[LN2 - 0.5, 1 - LN2]]))
     assert_close(kl_divergence(logp, ref_logp), torch.tensor([[0.193147, 0.306853]]))
+
+
+def test_importance_weighted_kl_hand_values_and_gradient():
+    # token 0: policy 0.25, reference 0.5, so d = ref_logp - logp = ln 2 and
+    #   k3 = e^d - d - 1 = 1 - ln 2 = 0.306853; old policy 0.25 / 1.5, so ratio = 1.5
+    #   value: 1.5 * (1 - ln 2) = 0.460279
+    #   gradient in logp: ratio * k3 + ratio * (1 - e^d) = 1.5 * (1 - ln 2) + 1.5 * (1 - 2)
+    #   = -1.5 ln 2 = -1.039721 (plain k3's would be 1 - e^d = -1)
+    # token 1: policy = reference = old policy: k3 = 0, ratio 1, value 0, gradient
+    #   1 * 0 + 1 * (1 - e^0) = 0
+    logp = torch.log(torch.tensor([[0.25, 0.5]])).requires_grad_()  # [N=1, T=2]
+    ref_logp = torch.log(torch.tensor([[0.5, 0.5]]))  # [N=1, T=2]
+    old_logp = torch.log(torch.tensor([[0.25 / 1.5, 0.5]]))  # [N=1, T=2]
+    kl = importance_weighted_kl(kl_divergence(logp, ref_logp), logp - old_logp)  # [1, 2]
+    assert_close(kl.detach(), torch.tensor([[1.5 * (1 - LN2), 0.0]]))
+    kl.sum().backward()
+    assert_close(logp.grad, torch.tensor([[-1.5 * LN2, 0.0]]))
+
+
+def test_importance_weighted_k3_on_policy_is_k3_in_value_and_k2_in_gradient():
+    # ratio = exp(logp - logp.detach()) is 1 with gradient 1: the value stays k3, and the
+    # gradient is k3 + 1 - e^d = -d, which is k2's: d/dlogp (d^2 / 2) = -d
+    gen = torch.Generator().manual_seed(0)
+    logp = torch.randn(3, 5, generator=gen).requires_grad_()  # [N=3, T=5]
+    ref_logp = torch.randn(3, 5, generator=gen)  # [N=3, T=5]
+    weighted = importance_weighted_kl(kl_divergence(logp, ref_logp), logp - logp.detach())
+    assert_close(weighted.detach(), kl_divergence(logp, ref_logp).detach())
+    (grad,) = torch.autograd.grad(weighted.sum(), logp)
+    (k2_grad,) = torch.autograd.grad(kl_divergence(logp, ref_logp, "k2").sum(), logp)
+    assert_close(grad, k2_grad)
+    assert_close(grad, (logp - ref_logp).detach())  # -d
 
 
 def test_k3_nonnegative_and_exactly_zero_at_equality():

@@ -22,7 +22,9 @@ from grpo.rewards import (
     math_accuracy,
     register_reward,
     score,
+    score_completions,
     think_format,
+    trainer_state,
 )
 
 NAN = float("nan")
@@ -162,6 +164,47 @@ def test_trl_reward_functions_work_unchanged():
     ]
     out = score([format_reward_func], None, prompts, completions, {})
     torch.testing.assert_close(out.rewards, torch.tensor([1.0, 0.0]))
+
+
+def test_score_completions_builds_trls_arguments_and_collects_logs():
+    chat = [{"role": "user", "content": "2+2?"}]
+    rows = [{"prompt": chat, "answer": "4"}, {"prompt": "3+3?", "answer": "6"}]
+    seen = {}
+
+    def logs(prompts, completions, answer, completion_ids, trainer_state, log_metric, log_extra):
+        seen.update(prompts=prompts, completions=completions, answer=answer, step=trainer_state)
+        log_metric("calls", 1.0)
+        log_extra("length", [len(ids) for ids in completion_ids])
+        return [1.0] * len(completions)
+
+    def logs_too(completions, log_metric, **kwargs):
+        log_metric("calls", 3.0)
+        return [0.5] * len(completions)
+
+    out = score_completions(
+        [logs, logs_too], None, rows, "prompt", ["4", "5", "6", "7"], [[1], [2, 3], [4], []], "S"
+    )
+    # G = 4 texts / 2 rows = 2; the chat row's completions become assistant messages
+    assert seen["prompts"] == [chat, chat, "3+3?", "3+3?"]
+    assert seen["completions"] == [
+        [{"role": "assistant", "content": "4"}],
+        [{"role": "assistant", "content": "5"}],
+        "6",
+        "7",
+    ]
+    assert seen["answer"] == ["4", "4", "6", "6"]
+    assert seen["step"] == "S"
+    torch.testing.assert_close(out.rewards, torch.tensor([1.5] * 4))  # 1 + 0.5
+    assert out.logged_metrics == {"calls": 2.0}  # (1 + 3) / 2 calls
+    assert out.extra_columns == {"length": [1, 2, 1, 0]}
+
+
+def test_trainer_state_is_transformers_own():
+    from transformers import TrainerState
+
+    state = trainer_state(global_step=6, max_steps=20, epoch=1.5)
+    assert isinstance(state, TrainerState)
+    assert (state.global_step, state.max_steps, state.epoch) == (6, 20, 1.5)
 
 
 def test_builtins_take_conversational_completions():

@@ -95,6 +95,17 @@ class RolloutConfig(_Section):
     top_k: int = Field(default=0, ge=0)
     """Top-k sampling (0 disables it)."""
 
+    @field_validator("engine")
+    @classmethod
+    def _engine_available(cls, name: str) -> str:
+        from grpo.rollout import ENGINES, engine_unavailable
+
+        reason = engine_unavailable(name)
+        if reason:
+            usable = ", ".join(e for e in ENGINES if engine_unavailable(e) is None)
+            raise ValueError(f"rollout engine {name!r} {reason}; usable here: {usable}")
+        return name
+
 
 class RewardsConfig(_Section):
     functions: list[str] = Field(default_factory=lambda: ["arithmetic_correct"])
@@ -137,6 +148,10 @@ class AlgorithmConfig(_Section):
     """KL weight (eq. IV.I). 0 loads no reference model at all."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator; k3 (Schulman) is unbiased and never negative."""
+    use_bias_correction_kl: bool = False
+    """GRPO: multiply the KL term by the importance ratio, not detached (TRL 1.16's default;
+    DeepSeek-V3.2, arXiv 2512.02556): on-policy the value is the same and the gradient is
+    the reverse KL's unbiased one (k2's). Off: the paper's plain k3."""
     epsilon: float = Field(default=0.2, ge=0)
     """Lower clip range of the ratio (PPO's epsilon)."""
     epsilon_high: float | None = Field(default=None, ge=0)
@@ -269,6 +284,11 @@ class Config(_Section):
         if alg.advantage == "process" and alg.name != "grpo":
             raise ValueError(
                 f"algorithm.advantage='process' needs algorithm.name='grpo', got {alg.name!r}"
+            )
+        if alg.use_bias_correction_kl and alg.name != "grpo":
+            raise ValueError(
+                f"algorithm.use_bias_correction_kl=true needs algorithm.name='grpo' (the KL in "
+                f"the loss), got {alg.name!r}, which puts the KL in the reward"
             )
         if self.rewards.overlong_buffer >= self.rollout.max_completion_length:
             raise ValueError(

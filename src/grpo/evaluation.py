@@ -13,6 +13,7 @@ from math import comb
 
 import torch
 
+from grpo.conventions import stop_token_ids
 from grpo.data import encode_prompt
 from grpo.rollout import make_engine
 from grpo.types import SamplingParams
@@ -63,18 +64,20 @@ def greedy_accuracy(
     """Share of ``rows`` whose greedy completion ``correct_fn`` scores as correct."""
     prompts = [r[prompt_column] for r in rows]
     columns = {key: [r[key] for r in rows] for key in rows[0] if key != prompt_column}
-    params = _params(tokenizer, 1, 0.0, max_completion_length)
+    params = _params(model, tokenizer, 1, 0.0, max_completion_length)
     texts = _generate_texts(model, tokenizer, prompts, params, 0, batch_prompts)
     return sum(bool(v) for v in correct_fn(prompts, texts, **columns)) / len(rows)
 
 
-def _params(tokenizer, n: int, temperature: float, max_completion_length: int) -> SamplingParams:
+def _params(
+    model, tokenizer, n: int, temperature: float, max_completion_length: int
+) -> SamplingParams:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return SamplingParams(
         num_generations=n,
         temperature=temperature,
         max_completion_length=max_completion_length,
-        eos_token_ids=(tokenizer.eos_token_id,),
+        eos_token_ids=stop_token_ids(model, tokenizer),
         pad_token_id=pad,
     )
 
@@ -107,7 +110,7 @@ def evaluate(
         model, tokenizer, rows, correct_fn, max_completion_length, prompt_column, batch_prompts
     )
 
-    sampled_params = _params(tokenizer, n_s, temperature, max_completion_length)
+    sampled_params = _params(model, tokenizer, n_s, temperature, max_completion_length)
     sampled = _generate_texts(
         model, tokenizer, prompts, sampled_params, seed, max(1, batch_prompts // n_s)
     )

@@ -17,6 +17,8 @@ Where this module departs from the paper:
   accumulation and several processes give the same gradient as one big batch.
 - A completion with no real token contributes 0 under ``"grpo"`` (the paper's
   ``1/|o_i|`` would be 1/0).
+- ``importance_weighted_kl`` (TRL's ``use_bias_correction_kl``) may weight the KL term by
+  the importance ratio; off by default, so the KL is the paper's plain k3.
 """
 
 from __future__ import annotations
@@ -57,6 +59,28 @@ def kl_divergence(
     if estimator == "k3":
         return torch.expm1(d) - d  # exp(d) - 1 - d, accurate near d = 0
     raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def importance_weighted_kl(kl: Tensor, log_ratio: Tensor) -> Tensor:
+    """The per-token KL estimate times the importance ratio ``exp(log_ratio)``, as TRL 1.16's
+    ``use_bias_correction_kl`` (DeepSeek-V3.2, arXiv 2512.02556): the ratio is neither
+    detached nor clipped, so it changes the gradient even where its value is exactly 1.
+
+    With ``d = ref_logp - logp`` and ``ratio = exp(logp - old_logp)``, the k3 term's
+    gradient becomes ``ratio * (k3 + 1 - exp(d)) * grad logp``; on-policy (ratio 1) that
+    is ``-d * grad logp``, the gradient of k2 and the unbiased gradient of the reverse KL
+    ``KL(policy || reference)``, where plain k3's ``(1 - exp(d)) * grad logp`` follows the
+    forward KL. The value is unchanged on-policy.
+
+    Args:
+        kl: ``[N, T]`` per-token KL estimate (``kl_divergence``).
+        log_ratio: ``[N, T]`` ``logp - old_logp``, with its gradient (token level, or each
+            completion's mean broadcast to its tokens for GSPO's sequence level).
+
+    Returns:
+        ``[N, T]`` the weighted KL term.
+    """
+    return kl * torch.exp(log_ratio)  # [N, T]
 
 
 @dataclass

@@ -30,6 +30,7 @@ from grpo.advantages import informative_groups
 from grpo.algorithms import build_algorithm
 from grpo.algorithms.objective import policy_loss
 from grpo.config import Config, dump_config
+from grpo.conventions import check_chat_prompts, stop_token_ids
 from grpo.data import PromptSampler, encode_prompt, training_rows
 from grpo.evaluation import periodic_task_eval
 from grpo.hf import load_model_and_tokenizer
@@ -37,7 +38,7 @@ from grpo.losses import Normaliser
 from grpo.metrics import current_rss_mb, memory_metrics, open_sinks, step_samples
 from grpo.optim import build_optimizer
 from grpo.policy import DTYPES, LogpSettings, Policy, Reference
-from grpo.rewards import load_reward_function
+from grpo.rewards import load_reward_function, trainer_state
 from grpo.rewards.rollouts import RolloutScorer
 from grpo.rollout import Engine, make_engine
 from grpo.runtime import Runtime
@@ -45,8 +46,9 @@ from grpo.tasks import get_task  # noqa: F401  (importing it registers the tasks
 from grpo.types import Batch, SamplingParams, Scored
 
 
-def sampling_params(cfg: Config, tokenizer: Any) -> SamplingParams:
-    """The rollout section as the engine takes it, with the tokenizer's EOS and pad ids."""
+def sampling_params(cfg: Config, tokenizer: Any, model: Any = None) -> SamplingParams:
+    """The rollout section as the engine takes it, with the pad id and every end token
+    (the tokenizer's EOS and those the model's generation config lists)."""
     r = cfg.rollout
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return SamplingParams(
@@ -55,7 +57,7 @@ def sampling_params(cfg: Config, tokenizer: Any) -> SamplingParams:
         temperature=r.temperature,
         top_p=r.top_p,
         top_k=r.top_k,
-        eos_token_ids=(tokenizer.eos_token_id,),
+        eos_token_ids=stop_token_ids(model, tokenizer),
         pad_token_id=pad,
     )
 
@@ -137,17 +139,18 @@ class GRPOTrainer:
         self.runtime.seed_everything(cfg.run.seed)
         # data and rewards first: an unreadable input fails before the policy loads
         self.rows = training_rows(cfg.data, cfg.run.seed)
+        col = cfg.data.prompt_column
+        check_chat_prompts(self.rows, col, tokenizer, cfg.model.name_or_path)
         functions = reward_functions or [
             load_reward_function(s, self.runtime.device) for s in cfg.rewards.functions
         ]
         self.eval_fn = eval_fn or periodic_task_eval(cfg, functions)
         self.policy, self.tokenizer = setup_policy(cfg, self.runtime, model, tokenizer)
         self.reference = Reference.build(cfg, self.policy)
-        col = cfg.data.prompt_column
         self.prompt_ids = [encode_prompt(self.tokenizer, r[col]) for r in self.rows]
         self.sampler = PromptSampler(len(self.rows), cfg.run.seed)
         self.engine = engine or make_engine(cfg.rollout.engine)
-        self.sampling = sampling_params(cfg, self.tokenizer)
+        self.sampling = sampling_params(cfg, self.tokenizer, self.policy.base)
         self.generator = self.runtime.generator(cfg.run.seed)
         self.scorer = RolloutScorer(cfg, self.tokenizer, functions)
         self.algorithm = build_algorithm(cfg, self.runtime, self.tokenizer)
@@ -293,15 +296,23 @@ class GRPOTrainer:
     def _generation_round(
         self, num_prompts: int, clock: PhaseClock
     ) -> tuple[Scored, dict[str, float]]:
+        state = self._trainer_state()  # before the draw, as TRL's
         idx = self.sampler.next(num_prompts)
         with self.runtime.autocast():
             rollout = self.engine.generate(
                 self.policy.module, [self.prompt_ids[i] for i in idx], self.sampling, self.generator
             )
         clock.lap("generation")
-        out = self.scorer([self.rows[i] for i in idx], rollout)
+        out = self.scorer([self.rows[i] for i in idx], rollout, state)
         clock.lap("scoring")
         return out
+
+    def _trainer_state(self):
+        """TRL's ``trainer_state`` for reward functions, counted in optimizer updates."""
+        updates = self.cfg.algorithm.num_iterations * self.cfg.optim.num_minibatches
+        s = self.sampler
+        epoch = s.epoch + s.position / s.num_rows
+        return trainer_state(self.step * updates, self.cfg.optim.max_steps * updates, epoch)
 
     def _memory_metrics(self) -> dict[str, float]:
         """Peak resident memory, and bytes held by weights and optimizer states (policy,

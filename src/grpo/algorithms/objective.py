@@ -17,6 +17,7 @@ from grpo.losses import (
     Normaliser,
     aggregate,
     clipped_surrogate,
+    importance_weighted_kl,
     kl_divergence,
     masked_mean,
     sequence_log_ratio,
@@ -67,6 +68,8 @@ def policy_loss(
     if batch.ref_logp is not None:
         estimator = algorithm.kl_estimator
         kl = kl_divergence(logp, batch.ref_logp, estimator)  # [n, T]
+        if alg.use_bias_correction_kl:
+            kl = importance_weighted_kl(kl, log_ratio)  # [n, T], TRL's default
         metrics["kl"] = metrics[f"kl/{estimator}"] = masked_mean(kl.detach(), mask)
         if algorithm.kl_in_loss:
             per_token = per_token + alg.beta * kl

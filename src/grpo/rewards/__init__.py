@@ -16,10 +16,14 @@ from .scoring import (
     RewardError,
     RewardFunction,
     RewardOutput,
+    is_conversational,
     load_reward_function,
     register_reward,
+    reward_arguments,
     reward_name,
     score,
+    score_completions,
+    trainer_state,
 )
 from .text import completion_text
 
@@ -31,11 +35,15 @@ __all__ = [
     "boxed_format",
     "code_execution",
     "completion_text",
+    "is_conversational",
     "load_reward_function",
     "make_code_execution",
     "math_accuracy",
     "register_reward",
+    "reward_arguments",
     "reward_name",
     "score",
+    "score_completions",
     "think_format",
+    "trainer_state",
 ]

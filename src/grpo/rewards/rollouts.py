@@ -1,5 +1,6 @@
-"""Scoring a rollout: decode the completions, call the reward functions with the dataset's
-columns, add the length shaping, and keep everything the algorithms and metrics need."""
+"""Scoring a rollout: decode the completions, call the reward functions as TRL's
+GRPOTrainer does (``score_completions``), add the length shaping, and keep everything the
+algorithms and metrics need."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from grpo.advantages import informative_groups
 from grpo.config import Config
-from grpo.rewards.scoring import RewardOutput, score
+from grpo.rewards.scoring import RewardOutput, score_completions
 from grpo.rewards.shaping import overlong_penalty
 from grpo.types import Rollout, Scored
 
@@ -21,22 +22,18 @@ class RolloutScorer:
     def __init__(self, cfg: Config, tokenizer: Any, functions: list[Callable]):
         self.cfg, self.tokenizer, self.functions = cfg, tokenizer, functions
 
-    def __call__(self, rows: list[dict], rollout: Rollout) -> tuple[Scored, dict[str, float]]:
+    def __call__(
+        self, rows: list[dict], rollout: Rollout, state: Any = None
+    ) -> tuple[Scored, dict[str, float]]:
+        """Score B rows' rollout; ``state`` reaches the functions as ``trainer_state``."""
         cfg, g = self.cfg, rollout.group_size
         ids = [
             row[m.bool()].tolist()
             for row, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
         ]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        col = cfg.data.prompt_column
-        out = score(
-            self.functions,
-            cfg.rewards.weights,
-            [r[col] for r in rows for _ in range(g)],
-            texts,
-            {k: [r[k] for r in rows for _ in range(g)] for k in rows[0] if k != col},
-            ids,
-        )
+        col, weights = cfg.data.prompt_column, cfg.rewards.weights
+        out = score_completions(self.functions, weights, rows, col, texts, ids, state)
         lengths = rollout.completion_lengths.cpu()  # [N]
         r = cfg.rewards
         shaping = overlong_penalty(
@@ -57,4 +54,4 @@ def reward_metrics(rewards: torch.Tensor, out: RewardOutput) -> dict[str, float]
     }
     for j, name in enumerate(out.names):
         metrics[f"rewards/{name}/mean"] = out.per_function[:, j].nanmean().item()
-    return metrics
+    return {**metrics, **out.logged_metrics}

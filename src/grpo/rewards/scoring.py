@@ -11,7 +11,17 @@ It is called once per batch of N completions, with keyword arguments only:
   each a string or, in conversational format, a list of ``{"role", "content"}`` messages;
 - ``completions``: N completions, each a string or ``[{"role": "assistant", "content": ...}]``;
 - every dataset column (``solution``, ``tests``, ...) as a list of N values;
-- ``completion_ids``: N lists of token ids, when the caller has them.
+- ``completion_ids``: N lists of token ids (EOS included, padding not), when the caller
+  has them;
+- from the trainer, as TRL's GRPOTrainer passes them: ``trainer_state`` (a
+  ``transformers.TrainerState``: ``global_step`` optimizer updates done, ``max_steps``,
+  ``epoch``), ``log_metric(name, value)`` (a scalar averaged into the step's metrics) and
+  ``log_extra(column, values)`` (one value per completion, kept with the batch's rewards).
+
+``score_completions`` builds these from dataset rows and decoded texts exactly as TRL 1.16
+does: a prompt that is a list of chat messages is passed as that list, and its completions
+as ``[{"role": "assistant", "content": text}]``; a string prompt, and its completions, as
+strings.
 
 It returns one value per completion: a float (int and bool count), or ``None`` (NaN counts
 as ``None``) where the function does not apply to that sample. Functions that do not use a
@@ -30,7 +40,7 @@ import math
 import numbers
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +65,10 @@ class RewardOutput:
     rewards: torch.Tensor  # [N] sum over functions of weight * value, None entries skipped
     per_function: torch.Tensor  # [N, F] each function's value, NaN where it returned None
     names: list[str]  # [F] function names, unique, in the order given
+    logged_metrics: dict[str, float] = field(default_factory=dict)
+    """Scalars the functions reported through ``log_metric``, each averaged over its calls."""
+    extra_columns: dict[str, list] = field(default_factory=dict)
+    """Per-completion values the functions reported through ``log_extra`` ([N] each)."""
 
 
 def register_reward(name: str) -> Callable[[RewardFunction], RewardFunction]:
@@ -84,6 +98,7 @@ def score(
     completions: list,
     columns: dict[str, list],
     completion_ids: list[list[int]] | None = None,
+    context: dict[str, Any] | None = None,
 ) -> RewardOutput:
     """Score N completions with F reward functions and combine them (TRL's nansum).
 
@@ -99,6 +114,8 @@ def score(
         completions: N completions.
         columns: dataset columns, each a list of N values, passed as keyword arguments.
         completion_ids: N token id lists, passed as ``completion_ids`` when given.
+        context: keyword arguments passed to every call as they are, not per sample
+            (``trainer_state``, ``log_metric``, ``log_extra``).
 
     Raises:
         RewardError: naming the function, the sample index and its completion.
@@ -117,11 +134,15 @@ def score(
     kwargs = dict(columns)
     if completion_ids is not None:
         kwargs["completion_ids"] = completion_ids
+    context = dict(context or {})
+    clash = sorted(set(context) & (set(kwargs) | set(_RESERVED)))
+    if clash:
+        raise RewardError(f"context key {clash[0]!r} clashes with a dataset column or argument")
 
     names = _unique_names(functions)
     per_function = torch.full((n, len(functions)), math.nan)  # [N, F]
     for f, function in enumerate(functions):
-        values = _call(function, names[f], prompts, completions, kwargs)
+        values = _call(function, names[f], prompts, completions, kwargs, context)
         per_function[:, f] = torch.tensor(values, dtype=torch.float32)  # [N]
 
     missing = per_function.isnan().all(dim=1)  # [N]
@@ -154,14 +175,19 @@ def _check_batch(
 
 
 def _call(
-    function: RewardFunction, name: str, prompts: list, completions: list, kwargs: dict
+    function: RewardFunction,
+    name: str,
+    prompts: list,
+    completions: list,
+    kwargs: dict,
+    context: dict,
 ) -> list[float]:
     """One batched call, checked: N finite floats, NaN where the function returned None."""
     n = len(completions)
     try:
-        result = function(prompts=prompts, completions=completions, **kwargs)
+        result = function(prompts=prompts, completions=completions, **kwargs, **context)
     except Exception as error:
-        i = _first_failing_sample(function, prompts, completions, kwargs)
+        i = _first_failing_sample(function, prompts, completions, kwargs, context)
         where = (
             f"sample {i} (completion {_preview(completions[i])})"
             if i is not None
@@ -207,15 +233,121 @@ def _check_value(value: Any, name: str, i: int, completion: Any) -> float:
 
 
 def _first_failing_sample(
-    function: RewardFunction, prompts: list, completions: list, kwargs: dict
+    function: RewardFunction, prompts: list, completions: list, kwargs: dict, context: dict
 ) -> int | None:
+    # the probe calls must not log anything: log_metric / log_extra discard what they get
+    quiet = {k: (_discard if k in ("log_metric", "log_extra") else v) for k, v in context.items()}
     for i in range(len(completions)):
         single = {key: column[i : i + 1] for key, column in kwargs.items()}
         try:
-            function(prompts=prompts[i : i + 1], completions=completions[i : i + 1], **single)
+            function(
+                prompts=prompts[i : i + 1], completions=completions[i : i + 1], **single, **quiet
+            )
         except Exception:
             return i
     return None
+
+
+def _discard(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def is_conversational(prompt: Any) -> bool:
+    """Whether a prompt is a list of chat messages (TRL's test: a list whose first item is a
+    dict with a ``role``).
+
+    >>> is_conversational([{"role": "user", "content": "2+2?"}]), is_conversational("2+2?")
+    (True, False)
+    """
+    return (
+        isinstance(prompt, list)
+        and bool(prompt)
+        and isinstance(prompt[0], dict)
+        and "role" in prompt[0]
+    )
+
+
+def reward_arguments(
+    rows: Sequence[dict[str, Any]], prompt_column: str, texts: Sequence[str], group_size: int
+) -> tuple[list, list, dict[str, list]]:
+    """TRL's ``prompts``, ``completions`` and dataset columns for B rows and N = B * G texts.
+
+    Row b's prompt is repeated G times; a conversational prompt stays a list of messages
+    and each of its completions becomes ``[{"role": "assistant", "content": text}]``; a
+    string prompt's completions stay strings. Every other column is repeated G times.
+
+    >>> reward_arguments([{"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2"}],
+    ...                  "prompt", ["2", "3"], 2)[1:]
+    ([[{'role': 'assistant', 'content': '2'}], [{'role': 'assistant', 'content': '3'}]], \
+{'answer': ['2', '2']})
+    """
+    if len(texts) != len(rows) * group_size:
+        raise RewardError(
+            f"got {len(texts)} completions for {len(rows)} prompts x {group_size} generations"
+        )
+    prompts = [row[prompt_column] for row in rows for _ in range(group_size)]
+    completions = [
+        [{"role": "assistant", "content": text}] if is_conversational(prompt) else text
+        for prompt, text in zip(prompts, texts, strict=True)
+    ]
+    columns = {
+        key: [row[key] for row in rows for _ in range(group_size)]
+        for key in rows[0]
+        if key != prompt_column
+    }
+    return prompts, completions, columns
+
+
+def trainer_state(global_step: int, max_steps: int, epoch: float) -> Any:
+    """The ``trainer_state`` TRL passes to reward functions: a ``transformers.TrainerState``.
+
+    Args:
+        global_step: optimizer updates done before this batch was sampled (TRL's unit).
+        max_steps: optimizer updates the whole run makes.
+        epoch: passes over the prompts done before this batch (fractional).
+    """
+    from transformers import TrainerState
+
+    return TrainerState(global_step=global_step, max_steps=max_steps, epoch=epoch)
+
+
+def score_completions(
+    functions: Sequence[RewardFunction],
+    weights: Sequence[float] | None,
+    rows: Sequence[dict[str, Any]],
+    prompt_column: str,
+    texts: Sequence[str],
+    completion_ids: list[list[int]],
+    state: Any,
+) -> RewardOutput:
+    """Score the decoded completions of B dataset rows, calling every function as TRL's
+    GRPOTrainer (1.16) does: ``prompts``, ``completions`` (see ``reward_arguments``), the
+    dataset columns, ``completion_ids``, ``trainer_state``, ``log_metric`` and ``log_extra``.
+
+    Args:
+        functions, weights: as in ``score``.
+        rows: the B dataset rows, in group order.
+        prompt_column: the column holding the prompt.
+        texts: N = B * G decoded completions (special tokens skipped); G = N / B.
+        completion_ids: N token id lists, EOS included, padding not.
+        state: passed as ``trainer_state`` (see ``trainer_state``).
+    """
+    group_size = len(texts) // max(1, len(rows))
+    prompts, completions, columns = reward_arguments(rows, prompt_column, texts, group_size)
+    logged: dict[str, list[float]] = {}
+    extra: dict[str, list] = {}
+
+    def log_metric(name: str, value: float) -> None:
+        logged.setdefault(name, []).append(float(value))
+
+    def log_extra(column: str, values: list) -> None:
+        extra.setdefault(column, []).extend(values)
+
+    context = {"trainer_state": state, "log_metric": log_metric, "log_extra": log_extra}
+    out = score(functions, weights, prompts, completions, columns, completion_ids, context)
+    out.logged_metrics = {name: sum(v) / len(v) for name, v in logged.items()}
+    out.extra_columns = extra
+    return out
 
 
 def reward_name(function: RewardFunction) -> str:

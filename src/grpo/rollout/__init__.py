@@ -7,6 +7,7 @@ only when chosen.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from typing import Protocol
 
@@ -44,19 +45,33 @@ class Engine(Protocol):
         ...
 
 
+def _vllm_unavailable() -> str | None:
+    if importlib.util.find_spec("vllm") is None:
+        return "needs the vllm package (GPU only): pip install 'grpo[vllm]'"
+    return "is not implemented yet"
+
+
 def _vllm_engine(**kwargs: object) -> Engine:
     """The vLLM engine (GPU generation); imports vllm only when chosen."""
     try:
         import vllm  # noqa: F401
     except ImportError as err:
-        raise ImportError(
-            "rollout engine 'vllm' needs the vllm package (GPU only): pip install 'grpo[vllm]'"
-        ) from err
+        raise ImportError(f"rollout engine 'vllm' {_vllm_unavailable()}") from err
     raise NotImplementedError("rollout engine 'vllm' is not implemented yet; use 'torch'")
 
 
 ENGINES: dict[str, Callable[..., Engine]] = {"torch": TorchEngine, "vllm": _vllm_engine}
 """Engine name -> factory taking the engine's keyword options."""
+
+UNAVAILABLE: dict[str, Callable[[], str | None]] = {"vllm": _vllm_unavailable}
+"""Engine name -> why it cannot run in this environment (None: it can); checked when the
+config is validated, so a run that cannot generate stops before any model loads."""
+
+
+def engine_unavailable(name: str) -> str | None:
+    """Why engine ``name`` cannot run here, as the end of a sentence, or None if it can."""
+    check = UNAVAILABLE.get(name)
+    return check() if check else None
 
 
 def make_engine(name: str, **kwargs: object) -> Engine:
@@ -66,4 +81,4 @@ def make_engine(name: str, **kwargs: object) -> Engine:
     return ENGINES[name](**kwargs)
 
 
-__all__ = ["ENGINES", "Engine", "TorchEngine", "make_engine"]
+__all__ = ["ENGINES", "UNAVAILABLE", "Engine", "TorchEngine", "engine_unavailable", "make_engine"]
