@@ -93,7 +93,7 @@ def test_message_prompts_without_chat_template_stop_before_the_model_loads(tmp_p
         r"data.prompt_column='prompt': row 0 is a list of chat messages, but the tokenizer "
         r"of model.name_or_path='.*no-template' has no chat template"
     )
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         GRPOTrainer(cfg, reward_functions=[distinct_chars])
 
 
@@ -135,3 +135,14 @@ def test_every_config_key_the_readme_names_exists():
 def test_readme_key_parser_sees_keys_and_skips_modules():
     text = "`algorithm.beta=0`, `optim.*`, `rollout.torch_engine`, `data.py`, `run.nope`"
     assert readme_keys(text) == {"algorithm.beta", "run.nope"}
+
+
+def test_cli_prints_the_engine_error_in_one_piece(capsys):
+    from grpo.cli import main
+
+    assert main(["train", "rollout.engine=vllm"]) == 2
+    out = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert "rollout.engine = 'vllm'" in out
+    assert "usable here: torch" in out
+    if "needs the vllm package" in out:
+        assert "pip install 'grpo[vllm]'" in out  # brackets survive the console's markup

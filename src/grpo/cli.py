@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars say more
+    from rich.markup import escape
+
     from grpo.config import ConfigError
     from grpo.data import DataError
     from grpo.rewards import RewardError
@@ -273,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (ConfigError, DataError, RewardError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)  # one line, as written
+        # one line, as written; escaped, so that "grpo[vllm]" is not read as console markup
+        console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
         return 2
     return 0
 

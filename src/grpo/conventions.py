@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from grpo.config import ConfigError
 from grpo.rewards.scoring import is_conversational
 
 
@@ -46,7 +47,7 @@ def check_chat_prompts(
     tokenizer: Any = None,
     name_or_path: str | None = None,
 ) -> None:
-    """Raise ValueError when a prompt is a list of chat messages and the tokenizer has no
+    """Raise ConfigError when a prompt is a list of chat messages and the tokenizer has no
     chat template to render it with.
 
     Args:
@@ -66,7 +67,7 @@ def check_chat_prompts(
     if getattr(tokenizer, "chat_template", None):
         return
     where = f"model.name_or_path={str(name_or_path)!r}" if name_or_path else "the tokenizer given"
-    raise ValueError(
+    raise ConfigError(
         f"data.prompt_column={prompt_column!r}: row {first} is a list of chat messages, but "
         f"the tokenizer of {where} has no chat template; give string prompts, or a "
         "tokenizer with a chat_template"

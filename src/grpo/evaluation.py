@@ -186,13 +186,14 @@ def reward_eval(
     each function's mean. The warning says when every function scored every completion 0,
     which usually means the model answers in another format than the rewards parse.
     """
-    from grpo.rewards import score
+    from grpo.rewards import reward_arguments, score
 
     prompts = [r[prompt_column] for r in rows]
-    columns = {key: [r[key] for r in rows] for key in rows[0] if key != prompt_column}
-    params = _params(tokenizer, 1, 0.0, max_completion_length)
+    params = _params(model, tokenizer, 1, 0.0, max_completion_length)
     texts = _generate_texts(model, tokenizer, prompts, params, 0, batch_prompts)
-    out = score(functions, weights, prompts, texts, columns)
+    # TRL's shapes: a conversational prompt's completion is [{"role": "assistant", ...}]
+    prompts, completions, columns = reward_arguments(rows, prompt_column, texts, 1)
+    out = score(functions, weights, prompts, completions, columns)
     metrics = {
         "accuracy": (out.rewards > 0).float().mean().item(),
         "reward": out.rewards.mean().item(),
