@@ -49,6 +49,8 @@ def test_every_forward_pass_runs_in_bf16_and_state_stays_fp32(tiny_model_dir, tm
                 (name, torch.is_grad_enabled(), out.dtype)
             )
         )
+    row = t.train_step()  # the reference still equals the policy: no reference pass yet
+    assert {s[0] for s in seen} == {"policy"}
     row = t.train_step()
     assert torch.isfinite(torch.tensor(row["loss"]))
     # generation (no grad), the reference pass, then the policy forward with grad: all bf16

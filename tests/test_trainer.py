@@ -103,6 +103,9 @@ def count_passes(t):
 def test_old_logp_only_computed_when_needed(tiny_model_dir, tmp_path, extra, passes):
     t = make_trainer(make_cfg(tiny_model_dir, tmp_path, *extra))
     calls = count_passes(t)
+    t.train_step()  # step 1: the reference still equals the policy, so no reference pass runs
+    assert calls == [p for p in passes if p != "ref"]
+    calls.clear()
     t.train_step()
     assert calls == passes
 

@@ -73,6 +73,12 @@ class DataConfig(_Section):
     DatasetDict (default there: ``test``), else of ``dataset`` or ``train_file``'s directory."""
     prompt_column: str = "prompt"
     """Column holding the prompt: a string, or a list of chat messages (chat template applied)."""
+    add_special_tokens: Literal["auto"] | bool = "auto"
+    """Whether a prompt starts with the tokenizer's BOS. ``auto``: a string is encoded as
+    ``tokenizer(text)`` does by default (BOS where the tokenizer adds one, e.g. Llama;
+    never a trailing EOS) and chat messages as the chat template writes them; ``true``:
+    BOS first even where the tokenizer adds none; ``false``: never a BOS (TRL encodes
+    string prompts this way)."""
     num_train_prompts: int = Field(default=5000, ge=1)
     """How many prompts a built-in task generates for training."""
     num_eval_prompts: int = Field(default=200, ge=1)

@@ -7,7 +7,7 @@ columns, which reach the reward functions as keyword arguments (TRL's convention
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -158,12 +158,73 @@ def eval_rows(cfg: DataConfig, limit: int | None = None) -> list[dict[str, Any]]
     return _check_prompts(rows[:limit] if limit else rows, cfg.prompt_column, source)
 
 
-def encode_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
-    """Token ids of one prompt; chat messages go through the tokenizer's chat template."""
+AddSpecialTokens = Literal["auto"] | bool
+"""``data.add_special_tokens``: ``"auto"`` (as the tokenizer or chat template does),
+``True`` (always start with BOS) or ``False`` (never)."""
+
+
+def encode_prompt(
+    tokenizer, prompt: str | list[dict[str, str]], add_special_tokens: AddSpecialTokens = "auto"
+) -> list[int]:
+    """Token ids of one prompt, encoded the way the model saw text in pretraining.
+
+    A string is encoded as ``tokenizer(text)`` encodes it by default: with the BOS that
+    tokenizers of Llama, Mistral or Gemma put first, and none for Qwen's or the embedded
+    character tokenizer, which add nothing. Whatever the tokenizer appends after the text
+    (an EOS, a separator) is dropped: a prompt is to be continued, never ended. Chat
+    messages go through the tokenizer's chat template, which writes the BOS itself where
+    the model wants one, so none is added (and a doubled BOS is cut to one).
+
+    Args:
+        tokenizer: a transformers tokenizer.
+        prompt: a string, or a list of ``{"role", "content"}`` chat messages.
+        add_special_tokens: ``"auto"`` as described; ``True`` also puts
+            ``tokenizer.bos_token_id`` first where the encoding lacks it (a model pretrained
+            with a BOS its tokenizer does not add); ``False`` gives no BOS at all (a string's
+            text tokens only; a chat template's output without a leading BOS).
+
+    >>> from grpo.modeling import build_char_tokenizer
+    >>> tok = build_char_tokenizer()  # adds no BOS of its own
+    >>> tok.convert_ids_to_tokens(encode_prompt(tok, "1+2="))
+    ['1', '+', '2', '=']
+    >>> tok.convert_ids_to_tokens(encode_prompt(tok, "1+2=", add_special_tokens=True))
+    ['<s>', '1', '+', '2', '=']
+    """
+    bos = tokenizer.bos_token_id
+    if add_special_tokens is True and bos is None:
+        raise ValueError(
+            "data.add_special_tokens=true puts a BOS first, but this tokenizer has no "
+            "bos_token; use auto or false"
+        )
     if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        ids = _encode_text(tokenizer, prompt, add_special_tokens is not False)
+    else:
+        out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    starts_with_bos = bos is not None and ids[:1] == [bos]
+    while starts_with_bos and ids[:2] == [bos, bos]:  # template text that wrote BOS twice
+        ids = ids[1:]
+    if add_special_tokens is True and not starts_with_bos:
+        ids = [bos, *ids]
+    if add_special_tokens is False and starts_with_bos:
+        ids = ids[1:]
+    return ids
+
+
+def _encode_text(tokenizer, text: str, with_special: bool) -> list[int]:
+    """``tokenizer(text)``'s ids up to the end of the text: the special tokens its
+    post-processor puts before the text are kept, those it appends are dropped."""
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not with_special:
+        return body
+    full = tokenizer(text)["input_ids"]
+    n = len(body)
+    start = next((i for i in range(len(full) - n + 1) if full[i : i + n] == body), None)
+    if n and start is not None:
+        return full[: start + n]
+    # nothing to anchor on (empty text, or a post-processor that rewrote it): keep its BOS
+    bos = tokenizer.bos_token_id
+    return [bos, *body] if bos is not None and full[:1] == [bos] else body
 
 
 class PromptSampler:

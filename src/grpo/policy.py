@@ -5,8 +5,10 @@ runtime's device, gives the log-probs of a batch's completion tokens, and saves 
 its weights with strict key checks. ``Reference`` is the frozen model of the KL term
 (eq. IV.I): a frozen copy of the policy's starting weights, or a model loaded from
 ``model.ref_name_or_path``; with ``beta = 0`` there is none at all. Both compute log-probs
-through the same function with the same settings, so while their weights are equal their
-log-probs are equal.
+through the same function with the same settings; even so a frozen copy's pass can differ
+from the policy's by float rounding (its weights do not require grad, and the LM head's
+matmul then picks another kernel), so while their weights are equal the reference does not
+run at all and the loss takes the policy's own log-probs (``Reference.equals_policy``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 from grpo.config import Config
+from grpo.diagnostics import same_weights
 from grpo.hf import load_model_and_tokenizer, unwrap
 from grpo.logprobs import batch_logp, batched_logp
 from grpo.runtime import Runtime
@@ -115,9 +118,18 @@ class Reference:
     loaded from a path. Never trained; ``reset_to`` makes it the policy's current weights
     (iterative RL, DeepSeekMath 4.2)."""
 
-    def __init__(self, module: torch.nn.Module, runtime: Runtime, settings: LogpSettings):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        runtime: Runtime,
+        settings: LogpSettings,
+        equals_policy: bool = False,
+    ):
         self.module = module.to(runtime.device).eval().requires_grad_(False)
         self.runtime, self.settings = runtime, settings
+        self.equals_policy = equals_policy
+        """Whether its weights are bitwise the policy's: true from a copy or a reset until
+        the policy's next optimizer step (``policy_stepped``)."""
 
     @classmethod
     def build(cls, cfg: Config, policy: Policy) -> Reference | None:
@@ -131,7 +143,8 @@ class Reference:
             )
         else:
             module = copy.deepcopy(policy.base)
-        return cls(module, policy.runtime, policy.settings)
+        equal = same_weights(module, policy.base)
+        return cls(module, policy.runtime, policy.settings, equal)
 
     def logp(self, batch: Batch, micro_size: int) -> Tensor:
         """Log-probs ``[N, T]`` of a whole batch under the reference, no gradient."""
@@ -140,6 +153,15 @@ class Reference:
     def reset_to(self, policy: Policy) -> None:
         """Copy the policy's current weights into the reference."""
         self.module.load_state_dict(policy.base.state_dict())
+        self.equals_policy = True
+
+    def policy_stepped(self) -> None:
+        """The policy's weights have just changed: the reference differs from now on."""
+        self.equals_policy = False
+
+    def compare_to(self, policy: Policy) -> None:
+        """Find out whether the weights are equal (one pass over them, after loading)."""
+        self.equals_policy = same_weights(self.module, policy.base)
 
     def save(self, directory: str | Path) -> None:
         self.module.save_pretrained(directory)

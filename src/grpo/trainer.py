@@ -32,6 +32,7 @@ from grpo.algorithms.objective import policy_loss
 from grpo.config import Config, dump_config
 from grpo.conventions import check_chat_prompts, stop_token_ids
 from grpo.data import PromptSampler, encode_prompt, training_rows
+from grpo.diagnostics import RunDiagnostics, moves_weights
 from grpo.evaluation import periodic_task_eval
 from grpo.hf import load_model_and_tokenizer
 from grpo.losses import Normaliser
@@ -89,9 +90,12 @@ class PhaseClock:
 
 
 def _weighted_mean(parts: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
-    total = sum(weights) or 1.0
-    keys = parts[0].keys() if parts else []
-    return {k: sum(p[k] * w for p, w in zip(parts, weights, strict=True)) / total for k in keys}
+    """Each key's weighted mean over the parts that have it (a skipped update has fewer)."""
+    out = {}
+    for k in dict.fromkeys(k for p in parts for k in p):
+        pairs = [(p[k], w) for p, w in zip(parts, weights, strict=True) if k in p]
+        out[k] = sum(v * w for v, w in pairs) / (sum(w for _, w in pairs) or 1.0)
+    return out
 
 
 @contextlib.contextmanager
@@ -147,11 +151,15 @@ class GRPOTrainer:
         self.eval_fn = eval_fn or periodic_task_eval(cfg, functions)
         self.policy, self.tokenizer = setup_policy(cfg, self.runtime, model, tokenizer)
         self.reference = Reference.build(cfg, self.policy)
-        self.prompt_ids = [encode_prompt(self.tokenizer, r[col]) for r in self.rows]
+        self.prompt_ids = [
+            encode_prompt(self.tokenizer, r[col], cfg.data.add_special_tokens) for r in self.rows
+        ]
         self.sampler = PromptSampler(len(self.rows), cfg.run.seed)
         self.engine = engine or make_engine(cfg.rollout.engine)
         self.sampling = sampling_params(cfg, self.tokenizer, self.policy.base)
         self.generator = self.runtime.generator(cfg.run.seed)
+        r = cfg.rollout
+        self.diagnostics = RunDiagnostics(r.max_completion_length, r.num_generations)
         self.scorer = RolloutScorer(cfg, self.tokenizer, functions)
         self.algorithm = build_algorithm(cfg, self.runtime, self.tokenizer)
         self.optimizer, self.scheduler = build_optimizer(self.policy.trainable_parameters(), cfg)
@@ -180,6 +188,10 @@ class GRPOTrainer:
             while self.step < cfg.optim.max_steps and not interrupted():
                 metrics = self.train_step()
                 self.step += 1
+                flags, warnings = self.diagnostics.observe(metrics)
+                metrics.update(flags)
+                for text in warnings:
+                    logger.console.print(f"warning: {text}", style="yellow", markup=False)
                 if self._eval_due():
                     metrics.update(self._evaluate())
                 history.append({"step": self.step, **metrics})
@@ -210,8 +222,10 @@ class GRPOTrainer:
         if self.old_logp_pass:
             batch.old_logp = self.policy.logp_no_grad(batch, micro)  # [N, T]
         clock.lap("old_logp")
-        if self.reference is not None:
+        if self.reference is not None and not self.reference.equals_policy:
             batch.ref_logp = self.reference.logp(batch, micro)  # [N, T]
+        elif self.reference is not None:  # equal weights: the policy's own log-probs
+            batch.ref_logp = batch.old_logp  # [N, T] or None
         clock.lap("reference")
         self.algorithm.prepare(batch, scored, micro)
         self.samples = step_samples(
@@ -324,6 +338,12 @@ class GRPOTrainer:
 
     def _optimizer_step(self, mini: Batch, micro: int) -> dict[str, float]:
         cfg = self.cfg
+        mini.ref_is_policy = self.reference is not None and self.reference.equals_policy
+        if not moves_weights(mini, self.algorithm):  # no signal: optimizer and schedule stay
+            kl = {"kl": 0.0, f"kl/{self.algorithm.kl_estimator}": 0.0}
+            return {"loss": 0.0, "grad_norm": 0.0, "step_skipped": 1.0} | (
+                kl if mini.ref_is_policy else {}
+            )
         norm = Normaliser.from_mask(mini.completion_mask, cfg.rollout.max_completion_length)
         self.optimizer.zero_grad(set_to_none=True)
         parts, weights, loss = [], [], 0.0
@@ -338,7 +358,10 @@ class GRPOTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), max_norm)
         self.optimizer.step()
         self.scheduler.step()
-        return {"loss": loss, "grad_norm": grad_norm.item(), **_weighted_mean(parts, weights)}
+        if self.reference is not None:
+            self.reference.policy_stepped()
+        metrics = {"loss": loss, "grad_norm": grad_norm.item(), "step_skipped": 0.0}
+        return metrics | _weighted_mean(parts, weights)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -371,6 +394,8 @@ class GRPOTrainer:
         self.policy.load(path)
         if self.reference is not None and (path / ckpt.REF_DIR).is_dir():
             self.reference.load(path / ckpt.REF_DIR)
+        if self.reference is not None:
+            self.reference.compare_to(self.policy)
         state = ckpt.load_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -117,6 +117,9 @@ class Batch:
     ref_logp: torch.Tensor | None = None  # [N, T] reference-model log-probs (beta > 0)
     group_ids: torch.Tensor | None = None  # [N] which prompt each row answers (contiguous)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-algorithm [N, T] terms
+    ref_is_policy: bool = False
+    """The reference's weights equal the policy's: the loss takes its own log-probs,
+    detached, as ``ref_logp``, so the KL and its gradient are exactly 0."""
 
     @classmethod
     def from_rollout(cls, rollout: Rollout) -> Batch:
@@ -163,6 +166,7 @@ class Batch:
             ref_logp=take(self.ref_logp),
             group_ids=take(self.group_ids),
             extras={k: v[index] for k, v in self.extras.items()},
+            ref_is_policy=self.ref_is_policy,
         )
 
 

@@ -40,7 +40,9 @@ def policy_loss(
         logp: ``[n, T]`` log-probs of the micro-batch's completion tokens under the policy
             being trained (with gradient).
         entropy: ``[n, T]`` entropies for the metric, or None.
-        batch: the micro-batch (advantages, completion mask, ``old_logp``, ``ref_logp``).
+        batch: the micro-batch (advantages, completion mask, ``old_logp``, ``ref_logp``;
+            with ``ref_is_policy`` the reference is ``logp`` itself, detached: the KL and
+            its gradient are exactly 0).
         algorithm: declares ``clipped``, ``kl_in_loss`` and the ``kl_estimator`` logged.
         alg: the ``algorithm`` config section (epsilons, beta, loss type, ratio level).
         norm: the whole mini-batch's totals, so summing this loss over micro-batches gives
@@ -65,9 +67,10 @@ def policy_loss(
         metrics["clip_ratio/high_mean"] = masked_mean(surrogate.high_clipped.float(), mask)
     else:
         per_token = unclipped_surrogate(log_ratio, zeros, batch.advantages)  # [n, T]
-    if batch.ref_logp is not None:
+    ref_logp = logp.detach() if batch.ref_is_policy else batch.ref_logp  # [n, T]
+    if ref_logp is not None:
         estimator = algorithm.kl_estimator
-        kl = kl_divergence(logp, batch.ref_logp, estimator)  # [n, T]
+        kl = kl_divergence(logp, ref_logp, estimator)  # [n, T]
         if alg.use_bias_correction_kl:
             kl = importance_weighted_kl(kl, log_ratio)  # [n, T], TRL's default
         metrics["kl"] = metrics[f"kl/{estimator}"] = masked_mean(kl.detach(), mask)
