@@ -149,3 +149,82 @@ def test_sampler_covers_each_epoch_and_resumes_exactly():
     resumed = PromptSampler(5, seed=3)
     resumed.load_state_dict(state)
     assert resumed.next(7) == rest
+
+
+def bos_tokenizer(single: str = "<s> $A"):
+    """A tokenizer built elsewhere: characters 0-9, '+', '=', and a post-processor that
+    writes ``single`` around the text (``<s> $A``: Llama's BOS; ``<s> $A </s>``: BOS and EOS).
+    Its chat template writes the BOS itself, as Llama's does."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab |= {c: 4 + i for i, c in enumerate("0123456789+=")}  # '4' -> 8, '+' -> 14, '=' -> 15
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.add_special_tokens(["<pad>", "<s>", "</s>", "<unk>"])
+    backend.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    )
+
+
+TEXT_IDS = [8, 11, 14, 12, 9, 15]  # "47+85=": 4 -> 8, 7 -> 11, + -> 14, 8 -> 12, 5 -> 9, = -> 15
+
+
+def test_a_string_prompt_keeps_the_bos_its_tokenizer_adds():
+    tok = bos_tokenizer()
+    assert tok("47+85=")["input_ids"] == [1, *TEXT_IDS]  # what the model saw in pretraining
+    assert encode_prompt(tok, "47+85=") == [1, *TEXT_IDS]
+    assert encode_prompt(tok, "47+85=", add_special_tokens=True) == [1, *TEXT_IDS]
+    assert encode_prompt(tok, "47+85=", add_special_tokens=False) == TEXT_IDS  # opted out
+    assert encode_prompt(tok, "") == [1]
+
+
+def test_a_prompt_never_ends_with_the_eos_a_tokenizer_appends():
+    tok = bos_tokenizer("<s> $A </s>")
+    assert tok("47+85=")["input_ids"] == [1, *TEXT_IDS, 2]
+    assert encode_prompt(tok, "47+85=") == [1, *TEXT_IDS]
+    assert encode_prompt(tok, "47+85=", add_special_tokens=False) == TEXT_IDS
+
+
+def test_a_chat_prompt_gets_the_templates_bos_once():
+    tok = bos_tokenizer()
+    chat = [{"role": "user", "content": "47+85="}]
+    assert encode_prompt(tok, chat) == [1, *TEXT_IDS]  # the template's <s>, no second one
+    assert encode_prompt(tok, chat, add_special_tokens=True) == [1, *TEXT_IDS]
+    assert encode_prompt(tok, chat, add_special_tokens=False) == TEXT_IDS
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template  # a template writing it twice
+    assert encode_prompt(tok, chat) == [1, *TEXT_IDS]
+
+
+def test_the_char_tokenizer_adds_no_bos_unless_asked():
+    tok = build_char_tokenizer()  # the demo's: its encoding never adds a special token
+    text = tok("47+85=", add_special_tokens=False)["input_ids"]
+    assert encode_prompt(tok, "47+85=") == text  # the demo's prompts are unchanged
+    assert encode_prompt(tok, "47+85=", add_special_tokens=True) == [tok.bos_token_id, *text]
+    chat = encode_prompt(tok, [{"role": "user", "content": "47+85="}], add_special_tokens=True)
+    assert tok.convert_ids_to_tokens(chat)[:2] == ["<s>", "<|user|>"]
+
+
+def test_forcing_a_bos_needs_one():
+    tok = build_char_tokenizer()
+    tok.bos_token = None
+    with pytest.raises(ValueError, match=r"data\.add_special_tokens=true .* no bos_token"):
+        encode_prompt(tok, "1+1=", add_special_tokens=True)
+
+
+def test_doctests_in_docstrings_hold():
+    import doctest
+
+    import grpo.data
+
+    result = doctest.testmod(grpo.data)
+    assert result.attempted > 0 and result.failed == 0

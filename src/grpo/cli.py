@@ -1,4 +1,4 @@
-"""``grpo init | sft | eval | train | demo | report``.
+"""``grpo init | sft | eval | train | check | demo | report``.
 
 Every command takes a local model directory or a hub id wherever it takes a model, so the
 commands that run the embedded default also run a real model on a machine that has one.
@@ -139,6 +139,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Exit status 0 when the sampled batch carries a learning signal, 1 when it does not."""
+    from grpo.check import check
+    from grpo.config import load_config
+
+    cfg = load_config(*_config_and_overrides(args))
+    return 0 if check(cfg, show=args.show) else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from grpo.demo import run_demo
 
@@ -232,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser(
+        "check", help="sample and score one batch, show it and say if it can teach (no training)"
+    )
+    s.add_argument("config", nargs="?", help="YAML config (omit for all defaults)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    s.add_argument("--show", type=int, default=3, help="prompts printed with their completions")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser(
         "demo", help="init -> sft -> eval -> GRPO -> eval on the built-in task, on CPU"
     )
     s.add_argument("--output-dir", default="runs/demo")
@@ -273,12 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     from grpo.rewards import RewardError
 
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ConfigError, DataError, RewardError, FileNotFoundError) as err:
         # one line, as written; escaped, so that "grpo[vllm]" is not read as console markup
         console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

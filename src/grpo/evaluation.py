@@ -14,7 +14,7 @@ from math import comb
 import torch
 
 from grpo.conventions import stop_token_ids
-from grpo.data import encode_prompt
+from grpo.data import AddSpecialTokens, encode_prompt
 from grpo.rollout import make_engine
 from grpo.types import SamplingParams
 
@@ -36,13 +36,21 @@ def majority_answer(answers: Sequence[str | None]) -> str | None:
 
 
 def _generate_texts(
-    model, tokenizer, prompts: list, params: SamplingParams, seed: int, batch: int
+    model,
+    tokenizer,
+    prompts: list,
+    params: SamplingParams,
+    seed: int,
+    batch: int,
+    add_special_tokens: AddSpecialTokens = "auto",
 ) -> list[str]:
     engine = make_engine("torch")
     generator = torch.Generator().manual_seed(seed)
     texts: list[str] = []
     for start in range(0, len(prompts), batch):
-        ids = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch]]
+        ids = [
+            encode_prompt(tokenizer, p, add_special_tokens) for p in prompts[start : start + batch]
+        ]
         out = engine.generate(model, ids, params, generator)
         rows = [
             r[m.bool()].tolist()
@@ -60,12 +68,14 @@ def greedy_accuracy(
     max_completion_length: int,
     prompt_column: str = "prompt",
     batch_prompts: int = 64,
+    add_special_tokens: AddSpecialTokens = "auto",
 ) -> float:
-    """Share of ``rows`` whose greedy completion ``correct_fn`` scores as correct."""
+    """Share of ``rows`` whose greedy completion ``correct_fn`` scores as correct
+    (prompts encoded as ``encode_prompt`` does with ``add_special_tokens``)."""
     prompts = [r[prompt_column] for r in rows]
     columns = {key: [r[key] for r in rows] for key in rows[0] if key != prompt_column}
     params = _params(model, tokenizer, 1, 0.0, max_completion_length)
-    texts = _generate_texts(model, tokenizer, prompts, params, 0, batch_prompts)
+    texts = _generate_texts(model, tokenizer, prompts, params, 0, batch_prompts, add_special_tokens)
     return sum(bool(v) for v in correct_fn(prompts, texts, **columns)) / len(rows)
 
 
@@ -178,6 +188,7 @@ def reward_eval(
     max_completion_length: int,
     prompt_column: str = "prompt",
     batch_prompts: int = 64,
+    add_special_tokens: AddSpecialTokens = "auto",
 ) -> tuple[dict[str, float], str | None]:
     """Greedy completions of ``rows`` scored with reward functions (held-out data of your own).
 
@@ -190,7 +201,7 @@ def reward_eval(
 
     prompts = [r[prompt_column] for r in rows]
     params = _params(model, tokenizer, 1, 0.0, max_completion_length)
-    texts = _generate_texts(model, tokenizer, prompts, params, 0, batch_prompts)
+    texts = _generate_texts(model, tokenizer, prompts, params, 0, batch_prompts, add_special_tokens)
     # TRL's shapes: a conversational prompt's completion is [{"role": "assistant", ...}]
     prompts, completions, columns = reward_arguments(rows, prompt_column, texts, 1)
     out = score(functions, weights, prompts, completions, columns)
@@ -239,7 +250,14 @@ def periodic_task_eval(cfg, reward_functions: Sequence[Callable] | None = None) 
 
     def eval_fn(model, tokenizer) -> dict[str, float]:
         return {
-            "accuracy": greedy_accuracy(model, tokenizer, rows, correct, task.max_completion_tokens)
+            "accuracy": greedy_accuracy(
+                model,
+                tokenizer,
+                rows,
+                correct,
+                task.max_completion_tokens,
+                add_special_tokens=cfg.data.add_special_tokens,
+            )
         }
 
     return eval_fn
@@ -280,6 +298,7 @@ def _reward_eval_fn(cfg, rows: list[dict], functions: Sequence[Callable] | None)
             cfg.rewards.weights,
             cfg.rollout.max_completion_length,
             cfg.data.prompt_column,
+            add_special_tokens=cfg.data.add_special_tokens,
         )
         if warning and not warned:  # once per run: a starting model often scores 0 at first
             warned.append(warning)
