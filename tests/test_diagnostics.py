@@ -68,7 +68,7 @@ def test_zero_std_must_stay_above_the_threshold():
     steps = [step(zero_std=0.95)] * 9 + [step(zero_std=0.85)] + [step(zero_std=0.95)] * 9
     said, flags = run(RunDiagnostics(24, 8), steps)
     assert said == {} and flags["warnings/reward_zero_std"] == 0.0
-    said, _ = run(RunDiagnostics(24, 8), steps + [step(zero_std=0.95)])
+    said, _ = run(RunDiagnostics(24, 8), [*steps, step(zero_std=0.95)])
     assert list(said) == [20]  # steps 11-20: ten in a row above 0.9
     assert said[20][0].startswith("95% of groups had all-equal rewards at each of the last 10")
 
