@@ -155,9 +155,7 @@ def check(model_dir, tmp_path, capsys, *overrides):
 
 
 def test_check_on_a_correct_setup(tiny_model_dir, tmp_path, reward_file, capsys):
-    rc, out = check(
-        tiny_model_dir, tmp_path, capsys, f"rewards.functions=[{reward_file}:distinct]"
-    )
+    rc, out = check(tiny_model_dir, tmp_path, capsys, f"rewards.functions=[{reward_file}:distinct]")
     assert rc == 0
     assert "0 of 2 prompts start with BOS" in out  # the char tokenizer adds none
     assert out.count("  tokens: ['") == 2 and out.count("\nprompt ") == 2
