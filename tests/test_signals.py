@@ -11,10 +11,13 @@ import pytest
 import torch
 from test_trainer import distinct_chars, make_cfg
 
+from grpo.algorithms import build_algorithm
 from grpo.config import build_config
 from grpo.diagnostics import moves_weights, same_weights
+from grpo.hf import load_model_and_tokenizer
 from grpo.metrics import read_jsonl
-from grpo.modeling import load_model_and_tokenizer
+from grpo.modeling import build_char_tokenizer
+from grpo.runtime import Runtime
 from grpo.trainer import GRPOTrainer
 from grpo.types import Batch
 
@@ -100,11 +103,15 @@ def zero_advantage_batch(ref_is_policy: bool) -> Batch:
     ],
 )
 def test_moves_weights(overrides, ref_is_policy, moves):
-    alg = build_config(overrides=overrides).algorithm
-    assert moves_weights(zero_advantage_batch(ref_is_policy), alg) is moves
+    assert moves_weights(zero_advantage_batch(ref_is_policy), algorithm(*overrides)) is moves
+
+
+def algorithm(*overrides):
+    cfg = build_config(overrides=list(overrides))
+    return build_algorithm(cfg, Runtime.from_settings("cpu"), build_char_tokenizer())
 
 
 def test_any_real_advantage_moves_weights():
     batch = zero_advantage_batch(True)
     batch.advantages[1, 0] = -1e-30
-    assert moves_weights(batch, build_config(overrides=["algorithm.beta=0"]).algorithm)
+    assert moves_weights(batch, algorithm("algorithm.beta=0"))

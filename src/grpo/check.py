@@ -14,10 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from grpo.advantages import group_advantages
+from grpo.advantages import group_advantages, informative_groups
 from grpo.config import Config
 from grpo.diagnostics import batch_findings
-from grpo.estimators import informative_groups
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -36,11 +35,11 @@ def check(cfg: Config, show: int = 3, out: Callable[[str], None] = print) -> boo
     Returns:
         Whether the batch carries a learning signal.
     """
-    from grpo.trainer import GRPOTrainer
+    from grpo.trainer import GRPOTrainer, PhaseClock
 
     trainer = GRPOTrainer(cfg)
     tok, alg, r = trainer.tokenizer, cfg.algorithm, cfg.rollout
-    scored, metrics = trainer._generation_round(r.prompts_per_step)
+    scored, metrics = trainer._generation_round(r.prompts_per_step, PhaseClock())
     rollout, g = scored.rollout, r.num_generations
 
     params = sum(p.numel() for p in trainer.model.parameters())
