@@ -35,11 +35,11 @@ def check(cfg: Config, show: int = 3, out: Callable[[str], None] = print) -> boo
     Returns:
         Whether the batch carries a learning signal.
     """
-    from grpo.trainer import GRPOTrainer, PhaseClock
+    from grpo.trainer import GRPOTrainer
 
     trainer = GRPOTrainer(cfg)
     tok, alg, r = trainer.tokenizer, cfg.algorithm, cfg.rollout
-    scored, metrics = trainer._generation_round(r.prompts_per_step, PhaseClock())
+    scored, metrics = trainer.sample_round(r.prompts_per_step)
     rollout, g = scored.rollout, r.num_generations
 
     params = sum(p.numel() for p in trainer.model.parameters())

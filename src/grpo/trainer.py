@@ -284,14 +284,14 @@ class GRPOTrainer:
         """One generation round of B prompts; with dynamic sampling, more rounds (at most
         ``max_refills``) until B groups with differing rewards are found."""
         alg, b = self.cfg.algorithm, self.cfg.rollout.prompts_per_step
-        scored, metrics = self._generation_round(b, clock)
+        scored, metrics = self.sample_round(b, clock)
         if not alg.dynamic_sampling:
             return scored, metrics
         kept = [scored.select(informative_groups(scored.rewards))]
         for _ in range(alg.max_refills):
             if sum(p.num_groups for p in kept) >= b:
                 break
-            more, _ = self._generation_round(b, clock)
+            more, _ = self.sample_round(b, clock)
             kept.append(more.select(informative_groups(more.rewards)))
         have = sum(p.num_groups for p in kept)
         if have == 0:
@@ -307,9 +307,12 @@ class GRPOTrainer:
         metrics["dynamic_sampling/groups_kept"] = min(have, b)
         return merged, metrics
 
-    def _generation_round(
-        self, num_prompts: int, clock: PhaseClock
+    def sample_round(
+        self, num_prompts: int, clock: PhaseClock | None = None
     ) -> tuple[Scored, dict[str, float]]:
+        """Draw ``num_prompts`` prompts, generate G completions each and score them, exactly
+        as a training step does (``grpo check`` shows one such round)."""
+        clock = clock or PhaseClock()
         state = self._trainer_state()  # before the draw, as TRL's
         idx = self.sampler.next(num_prompts)
         with self.runtime.autocast():
