@@ -9,6 +9,7 @@ import torch
 from conftest import DEVICES
 
 from grpo.config import build_config
+from grpo.errors import CheckpointError
 from grpo.hf import load_model_and_tokenizer
 from grpo.metrics import read_jsonl
 from grpo.trainer import GRPOTrainer
@@ -155,7 +156,7 @@ def test_interrupt_and_resume_equal_uninterrupted(tiny_model_dir, tmp_path):
 
 
 def test_resume_without_checkpoint_says_where(tiny_model_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
         make_trainer(make_cfg(tiny_model_dir, tmp_path)).resume()
 
 

@@ -21,14 +21,21 @@ from pydantic import (
     model_validator,
 )
 
+from grpo.errors import GRPOError
 
-class ConfigError(ValueError):
+
+class ConfigError(GRPOError, ValueError):
     """A configuration value is missing, unknown or out of range; the message names it."""
 
 
 class _Section(BaseModel):
+    # allow_inf_nan=False: an inf or nan learning rate, beta or reward weight would
+    # otherwise pass every bound check (nan compares false) and train NaN weights
     model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+        extra="forbid",
+        validate_assignment=True,
+        use_attribute_docstrings=True,
+        allow_inf_nan=False,
     )
 
 
@@ -130,6 +137,10 @@ class RewardsConfig(_Section):
     0 disables it."""
     overlong_penalty: float = Field(default=1.0, ge=0)
     """Reward lost by a completion that reaches ``max_completion_length``."""
+    timeout_s: float = Field(default=60.0, gt=0)
+    """Seconds one call of one reward function may take (on the whole batch) before the
+    run stops with an error naming it; each call's time is logged as
+    ``time/rewards/NAME``."""
 
     @model_validator(mode="after")
     def _weights_match(self) -> RewardsConfig:
@@ -214,6 +225,10 @@ class OptimConfig(_Section):
     """Optimizer steps per pass over a rollout batch; each mini-batch holds whole groups."""
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     """Micro-batches per mini-batch (memory only: the gradient is the same)."""
+    max_nonfinite_steps: int = Field(default=3, ge=1)
+    """Optimizer steps whose loss or gradient norm is not finite are skipped (weights,
+    optimizer and schedule untouched; counted as ``nonfinite_skipped``); this many in a
+    row stop the run with a checkpoint of the last good weights."""
     share_prompt: bool = True
     """Run each group's prompt once in the policy, old-policy, reference and critic passes
     and share its keys and values with the G completions (Prefix Grouper, arXiv 2506.05433):
@@ -234,7 +249,14 @@ class RunConfig(_Section):
     log_every: int = Field(default=1, ge=1)
     """Write metrics every N steps."""
     save_every: int = Field(default=0, ge=0)
-    """Checkpoint every N steps (0: only at the end and on Ctrl-C)."""
+    """Checkpoint every N steps (0: only by the clock, at the end, on a stop signal
+    (SIGTERM, SIGHUP, SIGINT) and on an error)."""
+    save_every_minutes: float = Field(default=10.0, ge=0)
+    """Also checkpoint after a step when this many minutes have passed since the last
+    checkpoint, so a run killed without warning (kill -9, power loss) loses minutes; 0
+    disables the clock."""
+    keep_last: int = Field(default=2, ge=1)
+    """Checkpoints kept in ``OUTPUT_DIR/checkpoints``; older ones are deleted."""
     eval_every: int = Field(default=0, ge=0)
     """Evaluate held-out greedy accuracy every N steps (0: never during training): a built-in
     task's test problems, or ``data.eval_file`` / ``data.eval_split`` scored with the run's
@@ -358,7 +380,7 @@ def _format_errors(err: ValidationError) -> str:
             lines.append(f"{where}: {e['msg']}")
         else:
             lines.append(f"{where} = {e['input']!r}: {e['msg']}")
-    return "invalid config:\n  " + "\n  ".join(lines)
+    return "invalid config: " + "; ".join(lines)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -378,7 +400,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. algorithm.beta=0.04")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: {raw!r} is not a YAML value ({err})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -404,13 +430,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+            what = "is not a file" if path.exists() else "does not exist"
+            raise ConfigError(f"config file {str(path)!r} {what}")
+        data = _read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(
                 f"config file {str(path)!r}: expected a mapping of sections at the top"
             )
     return build_config(data, overrides)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; a syntax error is a ConfigError naming file:line."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {str(path)!r}: byte {err.start} is not UTF-8 ({err.reason})"
+        ) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {where}: YAML syntax error: {problem}") from None
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -14,9 +14,6 @@ order (no reshuffle between the mu passes), so a run is reproducible from its se
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -34,6 +31,7 @@ from grpo.conventions import check_chat_prompts, stop_token_ids
 from grpo.data import PromptSampler, encode_prompt, training_rows
 from grpo.diagnostics import RunDiagnostics, moves_weights
 from grpo.evaluation import periodic_task_eval
+from grpo.faults import NonFiniteGuard, RunControl
 from grpo.hf import load_model_and_tokenizer
 from grpo.losses import Normaliser
 from grpo.metrics import current_rss_mb, memory_metrics, open_sinks, step_samples
@@ -98,27 +96,6 @@ def _weighted_mean(parts: list[dict[str, float]], weights: list[float]) -> dict[
     return out
 
 
-@contextlib.contextmanager
-def _deferred_sigint():
-    """Turn the first Ctrl-C into a flag the loop checks between steps, so the checkpoint
-    it saves holds a whole step (weights, optimizer, sampler and RNG agree)."""
-    hit = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-
-    def handler(signum, frame):
-        if hit:
-            raise KeyboardInterrupt
-        hit.append(signum)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: bool(hit)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 class GRPOTrainer:
     """Holds the run's state (models, optimizer, sampler, RNG) and runs the loop.
 
@@ -167,6 +144,8 @@ class GRPOTrainer:
         self.old_logp_pass = self.algorithm.needs_old_logp(self.engine.exact_logp and untruncated)
         self.step = 0
         self.output_dir = Path(cfg.run.output_dir)
+        self.nonfinite = NonFiniteGuard(cfg.optim.max_nonfinite_steps)
+        self.stop_signal: int | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -175,19 +154,22 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, float]]:
-        """Run until ``optim.max_steps``. Ctrl-C finishes the current step, saves a
-        checkpoint and returns (a second Ctrl-C aborts at once)."""
+        """Run until ``optim.max_steps``. SIGTERM, SIGHUP or Ctrl-C finish the current
+        step, save a checkpoint and return (a second one aborts at once); an error saves
+        the last complete step before it propagates (see ``grpo.faults``)."""
         cfg = self.cfg
         self.output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.output_dir / "config.yaml")
         history: list[dict[str, float]] = []
         logger = open_sinks(cfg, self.step)
-        with logger, _deferred_sigint() as interrupted:
+        with logger, RunControl(self) as run:
             if self.step == 0 and self._eval_due():  # the curve starts at the reference
                 logger.log(0, self._evaluate())
-            while self.step < cfg.optim.max_steps and not interrupted():
+            while self.step < cfg.optim.max_steps and not run.stop:
+                run.begin_step()
                 metrics = self.train_step()
                 self.step += 1
+                run.end_step()
                 flags, warnings = self.diagnostics.observe(metrics)
                 metrics.update(flags)
                 for text in warnings:
@@ -197,12 +179,9 @@ class GRPOTrainer:
                 history.append({"step": self.step, **metrics})
                 if self.step % cfg.run.log_every == 0:
                     logger.log(self.step, metrics, self.samples)
-                if cfg.run.save_every and self.step % cfg.run.save_every == 0:
-                    self.save()
-            if interrupted():
-                logger.console.print(
-                    f"interrupted at step {self.step}; checkpoint saved to {self.save()}"
-                )
+                run.checkpoint()
+            if run.stop:
+                self.stop_signal = run.stop_and_save()
                 return history
         self.save()
         self.engine.close()
@@ -359,11 +338,14 @@ class GRPOTrainer:
             weights.append(mb.completion_mask.sum().item())
         max_norm = cfg.optim.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        if self.reference is not None:
+        applied = self.nonfinite.ok(loss, grad_norm)  # a non-finite step is never applied
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
+        if applied and self.reference is not None:
             self.reference.policy_stepped()
-        metrics = {"loss": loss, "grad_norm": grad_norm.item(), "step_skipped": 0.0}
+        skipped = {"step_skipped": 0.0, "nonfinite_skipped": float(not applied)}
+        metrics = {"loss": loss, "grad_norm": grad_norm.item(), **skipped}
         return metrics | _weighted_mean(parts, weights)
 
     # ------------------------------------------------------------------ checkpoints
@@ -387,19 +369,23 @@ class GRPOTrainer:
             self.tokenizer,
             self.state_dict(),
             ref_model=self.reference.module if ref_moved else None,
+            keep=self.cfg.run.keep_last,
+            config=self.cfg,
         )
 
-    def resume(self, checkpoint: str | Path | None = None) -> int:
-        """Load weights and state from a checkpoint (default: the newest); return its step."""
-        path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(self.output_dir)
-        if path is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {str(self.output_dir)!r}")
+    def resume(
+        self, checkpoint: str | Path | None = None, allow_config_change: bool = False
+    ) -> int:
+        """Load weights and state from a checkpoint (default: the newest intact one), after
+        checking it (see ``grpo.checkpoint.load_for_resume``); return its step."""
+        path, state = ckpt.load_for_resume(
+            self.output_dir, checkpoint, self.cfg, allow_config_change
+        )
         self.policy.load(path)
         if self.reference is not None and (path / ckpt.REF_DIR).is_dir():
             self.reference.load(path / ckpt.REF_DIR)
         if self.reference is not None:
             self.reference.compare_to(self.policy)
-        state = ckpt.load_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])

@@ -33,7 +33,9 @@ class RolloutScorer:
         ]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         col, weights = cfg.data.prompt_column, cfg.rewards.weights
-        out = score_completions(self.functions, weights, rows, col, texts, ids, state)
+        out = score_completions(
+            self.functions, weights, rows, col, texts, ids, state, cfg.rewards.timeout_s
+        )
         lengths = rollout.completion_lengths.cpu()  # [N]
         r = cfg.rewards
         shaping = overlong_penalty(
@@ -54,4 +56,5 @@ def reward_metrics(rewards: torch.Tensor, out: RewardOutput) -> dict[str, float]
     }
     for j, name in enumerate(out.names):
         metrics[f"rewards/{name}/mean"] = out.per_function[:, j].nanmean().item()
+        metrics[f"time/rewards/{name}"] = out.seconds[j]
     return {**metrics, **out.logged_metrics}

@@ -27,6 +27,15 @@ It returns one value per completion: a float (int and bool count), or ``None`` (
 as ``None``) where the function does not apply to that sample. Functions that do not use a
 column accept ``**kwargs``.
 
+Each call has a deadline (``rewards.timeout_s``). On the main thread it is SIGALRM: the
+handler raises inside the reward function, so the call really stops (between Python
+bytecodes; a C extension that holds the interpreter for longer stops when it returns).
+A worker thread with a join timeout could only stop *waiting*: Python cannot kill a
+thread, so the function would run on, holding CPU and perhaps the state it mutates. Off
+the main thread (where no signal can be delivered) that is what happens, and the error
+says so. Functions that must be killed whatever they do belong in a separate process
+(``code_execution`` runs model code that way).
+
 Shapes: N completions in the batch (N = B * G), F reward functions.
 """
 
@@ -38,13 +47,18 @@ import importlib
 import importlib.util
 import math
 import numbers
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from grpo.errors import GRPOError
 
 RewardFunction = Callable[..., Sequence[Any]]
 
@@ -54,8 +68,13 @@ REWARDS: dict[str, RewardFunction] = {}
 _RESERVED = ("prompts", "completions", "completion_ids")
 
 
-class RewardError(ValueError):
+class RewardError(GRPOError, ValueError):
     """A reward function failed, returned something unusable, or could not be loaded."""
+
+
+class _Expired(BaseException):
+    """Raised inside a reward function whose deadline passed. A BaseException, so that the
+    function's own ``except Exception`` cannot swallow it."""
 
 
 @dataclass
@@ -69,6 +88,7 @@ class RewardOutput:
     """Scalars the functions reported through ``log_metric``, each averaged over its calls."""
     extra_columns: dict[str, list] = field(default_factory=dict)
     """Per-completion values the functions reported through ``log_extra`` ([N] each)."""
+    seconds: list[float] = field(default_factory=list)  # [F] each function's call time
 
 
 def register_reward(name: str) -> Callable[[RewardFunction], RewardFunction]:
@@ -99,6 +119,7 @@ def score(
     columns: dict[str, list],
     completion_ids: list[list[int]] | None = None,
     context: dict[str, Any] | None = None,
+    timeout_s: float | None = None,
 ) -> RewardOutput:
     """Score N completions with F reward functions and combine them (TRL's nansum).
 
@@ -116,9 +137,11 @@ def score(
         completion_ids: N token id lists, passed as ``completion_ids`` when given.
         context: keyword arguments passed to every call as they are, not per sample
             (``trainer_state``, ``log_metric``, ``log_extra``).
+        timeout_s: seconds each function's call may take (None: no deadline).
 
     Raises:
-        RewardError: naming the function, the sample index and its completion.
+        RewardError: naming the function, the sample index and its completion, or the
+            function that missed its deadline.
     """
     if not functions:
         raise RewardError("score() needs at least one reward function, got none")
@@ -141,9 +164,20 @@ def score(
 
     names = _unique_names(functions)
     per_function = torch.full((n, len(functions)), math.nan)  # [N, F]
+    seconds = []
     for f, function in enumerate(functions):
-        values = _call(function, names[f], prompts, completions, kwargs, context)
+        start = time.perf_counter()
+        values = _call(function, names[f], prompts, completions, kwargs, context, timeout_s)
+        seconds.append(time.perf_counter() - start)
         per_function[:, f] = torch.tensor(values, dtype=torch.float32)  # [N]
+        overflow = per_function[:, f].isinf()  # [N] finite in Python, beyond float32
+        if overflow.any():
+            i = int(overflow.nonzero()[0])
+            raise RewardError(
+                f"reward function {names[f]!r} returned {values[i]!r} for sample {i} "
+                f"(completion {_preview(completions[i])}); expected a value within float32's "
+                "range (about +-3.4e38)"
+            )
 
     missing = per_function.isnan().all(dim=1)  # [N]
     if missing.any():
@@ -154,7 +188,7 @@ def score(
         )
     weight = torch.tensor([float(w) for w in weights])  # [F]
     rewards = (per_function * weight).nansum(dim=1)  # [N]
-    return RewardOutput(rewards=rewards, per_function=per_function, names=names)
+    return RewardOutput(rewards, per_function, names, seconds)
 
 
 def _check_batch(
@@ -174,6 +208,44 @@ def _check_batch(
         raise RewardError(f"got {len(completion_ids)} completion_ids for {n} completions")
 
 
+def with_deadline(call: Callable[[], Any], seconds: float | None) -> Any:
+    """``call()``, stopped by ``_Expired`` after ``seconds`` (None: no deadline).
+
+    On the main thread SIGALRM raises inside the call, so it stops; elsewhere the call runs
+    in a daemon thread that is abandoned, still running, when the deadline passes.
+    """
+    if seconds is None:
+        return call()
+    if threading.current_thread() is threading.main_thread():
+
+        def expire(signum, frame):
+            raise _Expired
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            return call()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as error:  # handed to the waiting thread
+            box["error"] = error
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise _Expired("still running in its thread: only the main thread can stop it")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def _call(
     function: RewardFunction,
     name: str,
@@ -181,13 +253,23 @@ def _call(
     completions: list,
     kwargs: dict,
     context: dict,
+    timeout_s: float | None = None,
 ) -> list[float]:
     """One batched call, checked: N finite floats, NaN where the function returned None."""
     n = len(completions)
     try:
-        result = function(prompts=prompts, completions=completions, **kwargs, **context)
+        result = with_deadline(
+            lambda: function(prompts=prompts, completions=completions, **kwargs, **context),
+            timeout_s,
+        )
+    except _Expired as expired:
+        note = f" ({expired})" if str(expired) else ""
+        raise RewardError(
+            f"reward function {name!r} did not return within rewards.timeout_s={timeout_s:g} s "
+            f"on a batch of {n} completions{note}; make it faster or raise rewards.timeout_s"
+        ) from None
     except Exception as error:
-        i = _first_failing_sample(function, prompts, completions, kwargs, context)
+        i = _first_failing_sample(function, prompts, completions, kwargs, context, timeout_s)
         where = (
             f"sample {i} (completion {_preview(completions[i])})"
             if i is not None
@@ -233,17 +315,25 @@ def _check_value(value: Any, name: str, i: int, completion: Any) -> float:
 
 
 def _first_failing_sample(
-    function: RewardFunction, prompts: list, completions: list, kwargs: dict, context: dict
+    function: RewardFunction,
+    prompts: list,
+    completions: list,
+    kwargs: dict,
+    context: dict,
+    timeout_s: float | None = None,
 ) -> int | None:
     # the probe calls must not log anything: log_metric / log_extra discard what they get
     quiet = {k: (_discard if k in ("log_metric", "log_extra") else v) for k, v in context.items()}
     for i in range(len(completions)):
         single = {key: column[i : i + 1] for key, column in kwargs.items()}
         try:
-            function(
-                prompts=prompts[i : i + 1], completions=completions[i : i + 1], **single, **quiet
+            with_deadline(
+                lambda s=single, i=i: function(
+                    prompts=prompts[i : i + 1], completions=completions[i : i + 1], **s, **quiet
+                ),
+                timeout_s,
             )
-        except Exception:
+        except (Exception, _Expired):
             return i
     return None
 
@@ -319,6 +409,7 @@ def score_completions(
     texts: Sequence[str],
     completion_ids: list[list[int]],
     state: Any,
+    timeout_s: float | None = None,
 ) -> RewardOutput:
     """Score the decoded completions of B dataset rows, calling every function as TRL's
     GRPOTrainer (1.16) does: ``prompts``, ``completions`` (see ``reward_arguments``), the
@@ -331,6 +422,7 @@ def score_completions(
         texts: N = B * G decoded completions (special tokens skipped); G = N / B.
         completion_ids: N token id lists, EOS included, padding not.
         state: passed as ``trainer_state`` (see ``trainer_state``).
+        timeout_s: seconds each function's call may take (None: no deadline).
     """
     group_size = len(texts) // max(1, len(rows))
     prompts, completions, columns = reward_arguments(rows, prompt_column, texts, group_size)
@@ -344,7 +436,9 @@ def score_completions(
         extra.setdefault(column, []).extend(values)
 
     context = {"trainer_state": state, "log_metric": log_metric, "log_extra": log_extra}
-    out = score(functions, weights, prompts, completions, columns, completion_ids, context)
+    out = score(
+        functions, weights, prompts, completions, columns, completion_ids, context, timeout_s
+    )
     out.logged_metrics = {name: sum(v) / len(v) for name, v in logged.items()}
     out.extra_columns = extra
     return out
