@@ -13,6 +13,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from grpo.errors import GRPOError, UsageError
+from grpo.validate import non_negative_int, positive_float, positive_int
+
 console = Console(stderr=True)
 
 
@@ -23,8 +26,25 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def _model_dir(name: str, field: str = "--model") -> None:
+    from grpo.validate import check_model_path
+
+    check_model_path(name, field)
+
+
+def _output_dir(path: str, field: str) -> None:
+    from grpo.validate import check_output_dir
+
+    check_output_dir(path, field)
+
+
 def cmd_init(args: argparse.Namespace) -> None:
     from grpo.modeling import init_model_dir
+
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "a file" if not out.is_dir() else "a non-empty directory"
+        raise UsageError(f"grpo init {str(out)!r}: {what} is there already; give a new path")
 
     sizes = {
         k: v for k, v in vars(args).items() if k in ("hidden_size", "num_layers", "num_heads") and v
@@ -39,6 +59,9 @@ def cmd_sft(args: argparse.Namespace) -> None:
     from grpo.tasks import get_task
 
     _threads(args.threads)
+    _task(args.task)
+    _model_dir(args.model)
+    _output_dir(args.output, "--output")
     task = get_task(args.task)
     model, tokenizer = load_model_and_tokenizer(args.model)
     rows = task.problems("train", args.examples, args.seed)
@@ -62,8 +85,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from grpo.hf import load_model_and_tokenizer
 
     _threads(args.threads)
+    if args.samples is not None and args.samples < args.k:
+        raise UsageError(f"--samples={args.samples} is smaller than --k={args.k}; expected >= k")
+    _model_dir(args.model)
     if args.data:
         return eval_data(args)
+    _task(args.task)
     model, tokenizer = load_model_and_tokenizer(args.model)
     result = evaluate_task(
         model, tokenizer, args.task, args.n, args.k, args.temperature, num_samples=args.samples
@@ -114,6 +141,13 @@ def eval_data(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def _task(name: str) -> None:
+    from grpo.tasks import TASKS
+
+    if name not in TASKS:
+        raise UsageError(f"--task={name!r}: unknown task; allowed: {', '.join(sorted(TASKS))}")
+
+
 def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     """The optional YAML file and the key=value overrides (a first word with '=' is one)."""
     if args.config and "=" in args.config:  # no file given, only overrides
@@ -121,14 +155,35 @@ def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
     return args.config, list(args.overrides)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def _default_model(cfg) -> None:
+    """``grpo train`` with the default model path and no model there: make the tiny one."""
+    from grpo.config import ModelConfig
+
+    default = ModelConfig.model_fields["name_or_path"].default
+    if cfg.model.name_or_path == default and not Path(default).exists():
+        from grpo.modeling import init_model_dir
+
+        init_model_dir(default)
+        console.print(
+            f"model.name_or_path: no model at {default!r}, so a tiny random one was made there "
+            "(grpo init); give model.name_or_path=PATH_OR_HUB_ID to train your own"
+        )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from grpo.config import load_config
-    from grpo.trainer import GRPOTrainer
+    from grpo.validate import preflight
 
     cfg = load_config(*_config_and_overrides(args))
+    preflight_resume = args.resume is not None
+    if not preflight_resume:
+        _default_model(cfg)
+    preflight(cfg, preflight_resume, args.resume, args.allow_config_change)
+    from grpo.trainer import GRPOTrainer
+
     trainer = GRPOTrainer(cfg)
     if args.resume is not None:
-        step = trainer.resume(args.resume or None)
+        step = trainer.resume(args.resume or None, args.allow_config_change)
         console.print(f"resumed from step {step}")
     trainer.train()
     from grpo.report import plot_run
@@ -137,6 +192,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"log: {trainer.output_dir / 'metrics.jsonl'}   curves: {plot_run(trainer.output_dir)}   "
         f"report: grpo report {trainer.output_dir}"
     )
+    return 128 + trainer.stop_signal if trainer.stop_signal else 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -176,20 +232,23 @@ def cmd_report(args: argparse.Namespace) -> None:
     from grpo.report import plot_run, write_run_report
 
     if not (Path(args.run_dir) / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{args.run_dir!r} has no metrics.jsonl; expected a run directory")
+        raise UsageError(
+            f"grpo report {args.run_dir!r}: no metrics.jsonl there; expected a run directory"
+        )
     console.print(f"report: {write_run_report(args.run_dir)}   curves: {plot_run(args.run_dir)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grpo", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("init", help="create a tiny random model with a character tokenizer")
     s.add_argument("output")
     s.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
-    s.add_argument("--hidden-size", type=int)
-    s.add_argument("--num-layers", type=int)
-    s.add_argument("--num-heads", type=int)
+    s.add_argument("--hidden-size", type=positive_int)
+    s.add_argument("--num-layers", type=positive_int)
+    s.add_argument("--num-heads", type=positive_int)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_init)
 
@@ -197,12 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--output", required=True)
     s.add_argument("--task", default="add2")
-    s.add_argument("--steps", type=int, default=300)
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--lr", type=float, default=3e-3)
-    s.add_argument("--examples", type=int, default=5000)
+    s.add_argument("--steps", type=positive_int, default=300)
+    s.add_argument("--batch-size", type=positive_int, default=32)
+    s.add_argument("--lr", type=positive_float, default=3e-3)
+    s.add_argument("--examples", type=positive_int, default=5000)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--threads", type=non_negative_int, default=0)
     s.set_defaults(func=cmd_sft)
 
     s = sub.add_parser(
@@ -219,13 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--split", default="test", help="split of a DatasetDict directory in --data")
     s.add_argument("--prompt-column", default="prompt")
-    s.add_argument("--max-completion-length", type=int, default=64)
-    s.add_argument("--n", type=int, default=200, help="held-out prompts")
-    s.add_argument("--k", type=int, default=8, help="k of pass@k and maj@k")
-    s.add_argument("--samples", type=int, help="samples per prompt for the pass@k estimate (>= k)")
-    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--max-completion-length", type=positive_int, default=64)
+    s.add_argument("--n", type=positive_int, default=200, help="held-out prompts")
+    s.add_argument("--k", type=positive_int, default=8, help="k of pass@k and maj@k")
+    s.add_argument(
+        "--samples", type=positive_int, help="samples per prompt for the pass@k estimate (>= k)"
+    )
+    s.add_argument("--temperature", type=positive_float, default=1.0)
     s.add_argument("--json", help="also write the result to this file")
-    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--threads", type=non_negative_int, default=0)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("train", help="GRPO from a YAML config plus key=value overrides")
@@ -236,7 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="",
         default=None,
-        help="resume (from PATH or the newest checkpoint)",
+        help="resume (from PATH or the newest intact checkpoint)",
+    )
+    s.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even where the config differs from the checkpoint's (beyond max_steps)",
     )
     s.set_defaults(func=cmd_train)
 
@@ -258,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--fast", action="store_true", help="a seconds-long smoke run (no learning expected)"
     )
-    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--threads", type=non_negative_int, default=0)
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("compare", help="train several algorithms on the same budget and report")
@@ -279,22 +345,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; an input error (``GRPOError``) is one line on stderr and exit
+    code 2 (``grpo --debug ...`` shows its traceback); a second stop signal exits 130."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # accepted anywhere on the line
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars say more
-    from rich.markup import escape
-
-    from grpo.config import ConfigError
-    from grpo.data import DataError
-    from grpo.rewards import RewardError
-
     try:
         return args.func(args) or 0
-    except (ConfigError, DataError, RewardError, FileNotFoundError) as err:
-        # one line, as written; escaped, so that "grpo[vllm]" is not read as console markup
-        console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
+    except (GRPOError, FileNotFoundError) as err:
+        if debug:
+            raise
+        # one line, as written (plain print: no console markup, no wrapping)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("aborted by a second stop signal: the current step was not saved", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

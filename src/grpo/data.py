@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 
 from grpo.config import DataConfig
+from grpo.errors import DataError
 
 FILE_BUILDERS = {
     ".jsonl": "json",
@@ -26,8 +27,6 @@ FILE_BUILDERS = {
 """File name ending -> the ``datasets`` builder that reads it."""
 
 
-class DataError(ValueError):
-    """A data file, directory or dataset cannot be read; the message names it and says why."""
 
 
 def _builder(path: Path) -> str | None:

@@ -24,6 +24,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from grpo.errors import DataError
+
 CONSOLE_KEYS = ("reward", "kl", "completions/mean_length", "tokens_per_s", "eval/accuracy")
 SAMPLES_FILE = "samples.jsonl"
 
@@ -65,7 +67,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{str(path)!r} line {i + 1} is not JSON: {err}") from None
+            raise DataError(f"{str(path)!r} line {i + 1} is not JSON: {err}") from None
     return rows
 
 
