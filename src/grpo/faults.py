@@ -148,8 +148,12 @@ class RunControl:
         )
 
     def end_step(self) -> None:
-        """The step is complete; stop the run if too many non-finite steps came in a row."""
+        """The step is complete: an error from here on saves it as it is."""
         self._start = None
+
+    def checkpoint(self) -> None:
+        """After a logged step: save when due (steps or clock); stop, saved, after
+        ``optim.max_nonfinite_steps`` non-finite optimizer steps in a row."""
         guard = self.trainer.nonfinite
         if guard.exhausted:
             path = self.save()
@@ -159,6 +163,8 @@ class RunControl:
                 f"was applied, the last good weights are saved in {path}. Lower "
                 "optim.learning_rate or check the rewards"
             )
+        if self.save_due():
+            self.save()
 
     def save_due(self) -> bool:
         run, step = self.trainer.cfg.run, self.trainer.step
