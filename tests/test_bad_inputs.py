@@ -695,3 +695,13 @@ KINDS = Counter(kind for kind, _, _ in CASES.values())
 def test_catalogue_size():
     assert sum(OUTCOMES.values()) >= 40
     assert set(KINDS) == {"config", "data", "model", "reward", "checkpoint", "cli"}
+
+
+def test_train_with_no_model_makes_the_tiny_one(tmp_path, monkeypatch, capsys):
+    """``grpo train`` with the default model path and nothing there builds the tiny model
+    (instead of asking the hub for ``runs/tiny-model``)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *SMALL, "optim.max_steps=1"]) == 0
+    assert "no model at 'runs/tiny-model', so a tiny random one was made" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "tiny-model" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "grpo" / "final" / "model.safetensors").is_file()
