@@ -202,13 +202,13 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     def checkpoints(self) -> list[Path]:
-        """Checkpoints whose manifest was written (complete when written), oldest first."""
+        """``step-N`` directories, oldest first. One of this writer's is complete (it gets
+        its name only after the manifest is written); ``verify`` before use."""
         if not self.root.is_dir():
             return []
-        done = [
-            p for p in self.root.iterdir() if _step_of(p) is not None and (p / MANIFEST).is_file()
-        ]
-        return sorted(done, key=_step_of)
+        return sorted(
+            (p for p in self.root.iterdir() if p.is_dir() and _step_of(p) is not None), key=_step_of
+        )
 
     def prune(self) -> None:
         for old in self.checkpoints()[: -self.keep_last]:
@@ -240,7 +240,7 @@ def save_checkpoint(
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoints with a manifest, oldest first (not yet verified: see ``verify``)."""
+    """``step-N`` checkpoint directories, oldest first (not yet verified: see ``verify``)."""
     return Checkpointer(output_dir).checkpoints()
 
 

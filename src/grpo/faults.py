@@ -182,7 +182,7 @@ class RunControl:
     def stop_and_save(self) -> int | None:
         """After a stop signal: save, say where, return the signal number."""
         t = self.trainer
-        path = self.save()
+        path = self.save() if self.saved_step != t.step else ckpt.latest_checkpoint(t.output_dir)
         _say(
             f"{self.stop.name}: stopped after step {t.step} of {t.cfg.optim.max_steps}; "
             f"checkpoint saved to {path}; continue with --resume"
