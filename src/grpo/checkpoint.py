@@ -250,8 +250,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------------- reading
-def verify(checkpoint: str | Path) -> None:
-    """Check every file the manifest lists: present, same size, same SHA-256.
+def verify(checkpoint: str | Path, hashes: bool = True) -> None:
+    """Check every file the manifest lists: present, same size, same SHA-256 (the hash
+    only with ``hashes``: it reads every byte).
 
     Raises:
         CheckpointError: naming the checkpoint and the first file that does not match.
@@ -280,7 +281,7 @@ def verify(checkpoint: str | Path) -> None:
                 f"checkpoint {str(path)!r}: {rel} has {size} bytes, the manifest says "
                 f"{want['size']} (truncated or overwritten)"
             )
-        if _digest(file) != want["sha256"]:
+        if hashes and _digest(file) != want["sha256"]:
             raise CheckpointError(
                 f"checkpoint {str(path)!r}: {rel} does not match its SHA-256 in the manifest "
                 "(corrupted or modified)"
@@ -350,6 +351,35 @@ def _check_config(checkpoint: Path, cfg, allow_config_change: bool) -> None:
         f"the config differs from the one checkpoint {str(checkpoint)!r} was trained with "
         f"({'; '.join(changes)}); only optim.max_steps and logging/saving settings may "
         "change on resume. Restore those values, or pass --allow-config-change"
+    )
+
+
+def check_resumable(
+    output_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    cfg=None,
+    allow_config_change: bool = False,
+) -> Path:
+    """What ``load_for_resume`` will refuse, found from the manifests and the saved config
+    alone (no hashing, no state loaded), so that it is reported before any model loads."""
+    cfg = None if allow_config_change else cfg  # load_for_resume reports the changes
+    if checkpoint:
+        verify(checkpoint, hashes=False)
+        _check_config(Path(checkpoint), cfg, False)
+        return Path(checkpoint)
+    found = list_checkpoints(output_dir)
+    if not found:
+        raise CheckpointError(f"no checkpoint to resume from in {str(output_dir)!r}")
+    for path in reversed(found):
+        try:
+            verify(path, hashes=False)
+        except CheckpointError:
+            continue  # load_for_resume says why, and skips it
+        _check_config(path, cfg, False)
+        return path
+    raise CheckpointError(
+        f"no intact checkpoint to resume from in {str(output_dir)!r}: all {len(found)} are "
+        "damaged"
     )
 
 

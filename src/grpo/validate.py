@@ -323,10 +323,17 @@ def check_rewards(cfg) -> None:
             load_reward_function(spec)  # a RewardError names what is wrong with the spec
 
 
-def preflight(cfg, resume: bool = False) -> None:
-    """Check a training config's inputs before any model loads (see the module doc)."""
+def preflight(
+    cfg, resume: bool = False, checkpoint: str | None = None, allow_config_change: bool = False
+) -> None:
+    """Check a training config's inputs before any model loads (see the module doc); with
+    ``resume``, also that there is a checkpoint whose saved config matches."""
+    from grpo.checkpoint import check_resumable
+
     check_output_dir(cfg.run.output_dir)
     check_fresh_output(cfg.run.output_dir, resume)
+    if resume:
+        check_resumable(cfg.run.output_dir, checkpoint, cfg, allow_config_change)
     model_dir = check_model_path(cfg.model.name_or_path)
     if cfg.model.ref_name_or_path:
         check_model_path(cfg.model.ref_name_or_path, "model.ref_name_or_path")
