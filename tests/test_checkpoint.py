@@ -167,3 +167,24 @@ def test_reward_deadline_off_the_main_thread_stops_waiting_and_says_so():
     assert len(errors) == 1
     assert "reward function 'slow' did not return within rewards.timeout_s=0.2 s" in errors[0]
     assert "only the main thread can stop it" in errors[0]
+
+
+def times_itself_with_alarm(prompts, completions, **kwargs):
+    """Sets and cancels its own SIGALRM (as math-verify does), then hangs."""
+    import signal
+    import time
+
+    previous = signal.signal(signal.SIGALRM, lambda *a: None)
+    signal.alarm(100)
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+    time.sleep(30)
+    return [0.0] * len(completions)
+
+
+def test_reward_deadline_holds_when_the_function_uses_alarm_itself():
+    with pytest.raises(RewardError, match=r"'times_itself_with_alarm' did not return within"):
+        score([times_itself_with_alarm], None, ["p"], ["c"], {}, timeout_s=0.3)
+    assert score([lambda **kw: [1.0]], None, ["p"], ["c"], {}, timeout_s=5).rewards.tolist() == [
+        1.0
+    ]

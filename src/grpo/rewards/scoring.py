@@ -27,9 +27,12 @@ It returns one value per completion: a float (int and bool count), or ``None`` (
 as ``None``) where the function does not apply to that sample. Functions that do not use a
 column accept ``**kwargs``.
 
-Each call has a deadline (``rewards.timeout_s``). On the main thread it is SIGALRM: the
-handler raises inside the reward function, so the call really stops (between Python
-bytecodes; a C extension that holds the interpreter for longer stops when it returns).
+Each call has a deadline (``rewards.timeout_s``). On the main thread a watchdog thread
+sends the main thread a real-time signal at the deadline (SIGALRM where there are none),
+whose handler raises inside the reward function, so the call really stops (between
+Python bytecodes, or out of a blocking system call; a C extension that holds the
+interpreter for longer stops when it returns). A signal of its own, not SIGALRM: reward
+code that times itself with ``signal.alarm`` (math-verify does) would cancel an alarm.
 A worker thread with a join timeout could only stop *waiting*: Python cannot kill a
 thread, so the function would run on, holding CPU and perhaps the state it mutates. Off
 the main thread (where no signal can be delivered) that is what happens, and the error
@@ -208,26 +211,66 @@ def _check_batch(
         raise RewardError(f"got {len(completion_ids)} completion_ids for {n} completions")
 
 
+_DEADLINE_SIGNAL = getattr(signal, "SIGRTMIN", None)
+"""A real-time signal that nothing else uses, so a reward function that times itself with
+``signal.alarm`` (math-verify does) neither cancels the deadline nor sees it (Linux)."""
+
+
 def with_deadline(call: Callable[[], Any], seconds: float | None) -> Any:
     """``call()``, stopped by ``_Expired`` after ``seconds`` (None: no deadline).
 
-    On the main thread SIGALRM raises inside the call, so it stops; elsewhere the call runs
-    in a daemon thread that is abandoned, still running, when the deadline passes.
+    On the main thread a watchdog thread signals the main thread at the deadline and the
+    handler raises inside the call (a blocking ``sleep`` or ``read`` is interrupted too),
+    so it stops. Elsewhere the call runs in a daemon thread that is abandoned, still
+    running, when the deadline passes.
     """
     if seconds is None:
         return call()
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
+        return _abandon_after(call, seconds)
+    if _DEADLINE_SIGNAL is None:
+        return _alarm_after(call, seconds)
+    fired = threading.Event()
 
-        def expire(signum, frame):
+    def expire(signum, frame):
+        if fired.is_set():
             raise _Expired
 
-        previous = signal.signal(signal.SIGALRM, expire)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-        try:
-            return call()
+    def fire() -> None:
+        fired.set()
+        signal.pthread_kill(threading.main_thread().ident, _DEADLINE_SIGNAL)
+
+    previous = signal.signal(_DEADLINE_SIGNAL, expire)
+    watchdog = threading.Timer(seconds, fire)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return call()
+    finally:
+        try:  # after join the signal, if sent, was handled: restoring cannot kill us
+            watchdog.cancel()
+            watchdog.join()
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            signal.signal(_DEADLINE_SIGNAL, previous)
+
+
+def _alarm_after(call: Callable[[], Any], seconds: float) -> Any:
+    """SIGALRM where there are no real-time signals (a nested ``signal.alarm`` in the
+    function replaces this deadline)."""
+
+    def expire(signum, frame):
+        raise _Expired
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return call()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _abandon_after(call: Callable[[], Any], seconds: float) -> Any:
     box: dict[str, Any] = {}
 
     def target() -> None:
