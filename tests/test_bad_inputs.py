@@ -211,15 +211,16 @@ def data_file_missing(tmp, model):
 
 
 @case("data")
-def data_file_is_a_directory(tmp, model):
-    (tmp / "d.jsonl").mkdir()
-    return train(tmp, model, f"data.train_file={tmp / 'd.jsonl'}"), r"d\.jsonl' is a directory"
+def data_file_is_a_plain_directory(tmp, model):
+    (tmp / "d").mkdir()
+    args = train(tmp, model, f"data.train_file={tmp / 'd'}")
+    return args, r"data\.train_file '.*d' is a directory but not a save_to_disk one"
 
 
 @case("data")
-def data_file_csv(tmp, model):
-    f = write(tmp / "p.csv", "prompt\n1+1=\n")
-    return train(tmp, model, f"data.train_file={f}"), r"p\.csv': unsupported suffix '\.csv'"
+def data_file_of_unknown_type(tmp, model):
+    f = write(tmp / "p.txt", "1+1=\n")
+    return train(tmp, model, f"data.train_file={f}"), r"p\.txt': unsupported file type"
 
 
 @case("data")
@@ -301,13 +302,13 @@ def prompt_column_missing(tmp, model):
 @case("data")
 def parquet_file_corrupt(tmp, model):
     f = write(tmp / "p.parquet", b"PAR1 not really")
-    return train(tmp, model, f"data.train_file={f}"), r"p\.parquet': not a readable Parquet"
+    return train(tmp, model, f"data.train_file={f}"), r"p\.parquet' cannot be read as parquet"
 
 
 @case("data")
-def json_document_not_a_list(tmp, model):
-    f = write(tmp / "p.json", '{"prompt": "1+1="}')
-    return train(tmp, model, f"data.train_file={f}"), r"p\.json': the document is a dict"
+def csv_prompt_is_empty(tmp, model):
+    f = write(tmp / "p.csv", 'prompt,answer\n1+1=,2\n" ",3\n')
+    return train(tmp, model, f"data.train_file={f}"), r"p\.csv' row 1: prompt is an empty string"
 
 
 @case("data")
@@ -550,14 +551,14 @@ def resume_with_newest_checkpoint_truncated(tmp, model):
 def resume_with_torn_metrics_line(tmp, model):
     log = prior_run(tmp) / "metrics.jsonl"
     log.write_text(log.read_text() + '{"step": 3, "rew')
-    return resume(tmp, model, "optim.max_steps=3"), r"metrics\.jsonl: line 3 is incomplete"
+    return resume(tmp, model, "optim.max_steps=3"), r"resumed from step 2"
 
 
 @case("cli", "tolerated")
 def report_with_torn_metrics_line(tmp, model):
     log = prior_run(tmp) / "metrics.jsonl"
     log.write_text(log.read_text() + '{"step": 3, "rew')
-    return ["report", str(prior_run(tmp))], r"metrics\.jsonl: line 3 is incomplete"
+    return ["report", str(prior_run(tmp))], r"report: "
 
 
 # ---------------------------------------------------------------------------- command line

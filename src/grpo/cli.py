@@ -87,10 +87,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _threads(args.threads)
     if args.samples is not None and args.samples < args.k:
         raise UsageError(f"--samples={args.samples} is smaller than --k={args.k}; expected >= k")
-    _model_dir(args.model)
     if args.data:
         return eval_data(args)
     _task(args.task)
+    _model_dir(args.model)
     model, tokenizer = load_model_and_tokenizer(args.model)
     result = evaluate_task(
         model, tokenizer, args.task, args.n, args.k, args.temperature, num_samples=args.samples
@@ -118,6 +118,7 @@ def eval_data(args: argparse.Namespace) -> None:
     if not rows or any(r.get(args.prompt_column) is None for r in rows):
         raise ConfigError(f"--data {args.data!r}: every row needs a {args.prompt_column!r} column")
     functions = [load_reward_function(spec) for spec in args.reward]
+    _model_dir(args.model)
     model, tokenizer = load_model_and_tokenizer(args.model)
     result, warning = reward_eval(
         model, tokenizer, rows, functions, None, args.max_completion_length, args.prompt_column

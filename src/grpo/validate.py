@@ -1,11 +1,11 @@
 """Pre-flight checks: every bad input a named error before any model loads.
 
-``preflight(cfg)`` runs before ``GRPOTrainer`` is built and reads only small files: the
-output location, the model directory (its ``config.json`` and tokenizer, never the
-weights), the reward function specs, every row of the training data, and the tokenised
-length of every prompt against the model's positions. Each failure is a ``GRPOError``
-whose one-line message names the field or file (with line number), the value and what
-was expected.
+``preflight(cfg)`` runs before ``GRPOTrainer`` is built and reads no weights: the output
+location, the model directory (its ``config.json`` and tokenizer), the reward function
+specs, every row of the training data (a JSONL file line by line first, for line
+numbers), and the tokenised length of every prompt against the model's positions. Each
+failure is a ``GRPOError`` whose one-line message names the field or file (with line
+number), the value and what was expected.
 
 A model given as a path that looks local (absolute, ``./``, ``~``, more than one ``/``,
 or whose first component exists here) and does not exist is reported as such; only a
@@ -31,7 +31,6 @@ WEIGHT_FILES = (
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 # ---------------------------------------------------------------------------- locations
@@ -195,57 +194,27 @@ def _jsonl_rows(path: Path, field: str) -> list[tuple[str, Any]]:
     return rows
 
 
-def _json_rows(path: Path, field: str) -> list[tuple[str, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{field}={str(path)!r}: byte {err.start} is not UTF-8") from None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return _jsonl_rows(path, field)  # JSON lines under a .json name
-    if not isinstance(data, list):
-        raise DataError(
-            f"{field}={str(path)!r}: the document is a {type(data).__name__}; expected a list "
-            "of objects or one object per line"
-        )
-    return [(f"{field}={str(path)!r} item {i}", row) for i, row in enumerate(data)]
+def check_jsonl_file(path: str | Path, column: str = "prompt", field: str = "data.train_file"):
+    """Every line of a JSONL prompt file, checked; returns ``(where, row)`` pairs.
 
-
-def _parquet_rows(path: Path, field: str) -> list[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"{field}={str(path)!r}: not a readable Parquet file ({first})") from None
-    return [(f"{field}={str(path)!r} row {i}", row) for i, row in enumerate(rows)]
-
-
-def check_data_file(path: str | Path, column: str = "prompt", field: str = "data.train_file"):
-    """Every row of a JSONL / JSON / Parquet prompt file, checked; returns the rows.
+    ``datasets`` reads the file for training; this pass exists for the line numbers its
+    errors lack.
 
     Raises:
-        DataError: naming the file and line (or row) of the first problem: missing,
-            empty, not UTF-8, not JSON, not an object, no prompt column, or a prompt that
-            is not a non-empty string or a list of chat messages.
+        DataError: naming the file and line of the first problem: empty, not UTF-8, not
+            JSON, not an object, no prompt column, or a prompt that is not a non-empty
+            string or a list of chat messages.
     """
     path = Path(path)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise DataError(f"{field}={str(path)!r} {what}; expected a JSONL or Parquet file")
-    if path.suffix not in DATA_SUFFIXES:
-        raise DataError(
-            f"{field}={str(path)!r}: unsupported suffix {path.suffix!r}; expected one of "
-            f"{list(DATA_SUFFIXES)}"
-        )
     if not path.read_bytes().strip():
-        raise DataError(f"{field}={str(path)!r} is empty; expected one prompt per line")
-    reader = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}
-    located = reader[path.suffix](path, field)
-    if not located:
-        raise DataError(f"{field}={str(path)!r} has no rows; expected one prompt per line")
+        raise DataError(f"{field}={str(path)!r} is empty; expected one JSON object per line")
+    located = _jsonl_rows(path, field)
+    check_rows(located, column)
+    return located
+
+
+def check_rows(located: list[tuple[str, Any]], column: str) -> None:
+    """Each row an object with a usable prompt in ``column``."""
     for where, row in located:
         if not isinstance(row, dict):
             raise DataError(f"{where}: a {type(row).__name__}; expected a JSON object")
@@ -254,7 +223,6 @@ def check_data_file(path: str | Path, column: str = "prompt", field: str = "data
                 f"{where}: no {column!r} column (data.prompt_column; columns: {sorted(row)})"
             )
         _check_prompt(row[column], where, column)
-    return located
 
 
 # ---------------------------------------------------------------------------- lengths
@@ -297,19 +265,36 @@ def check_chat_template(tokenizer, located: list[tuple[str, Any]], column: str, 
 
 # ---------------------------------------------------------------------------- the run
 def training_prompts(cfg) -> list[tuple[str, Any]]:
-    """The training rows with where each comes from (file line or task row), checked."""
-    if cfg.data.train_file:
-        return check_data_file(cfg.data.train_file, cfg.data.prompt_column)
+    """The training rows with where each comes from (file line or row), checked."""
     from grpo.config import ConfigError
+    from grpo.data import training_rows
     from grpo.tasks import TASKS
 
-    if cfg.data.task not in TASKS:
-        raise ConfigError(
-            f"data.task={cfg.data.task!r}: unknown task; allowed: {', '.join(sorted(TASKS))}, "
-            "or set data.train_file"
-        )
-    rows = TASKS[cfg.data.task].problems("train", cfg.data.num_train_prompts, cfg.run.seed)
-    return [(f"data.task={cfg.data.task!r} row {i}", r) for i, r in enumerate(rows)]
+    data, column = cfg.data, cfg.data.prompt_column
+    lines: list[tuple[str, Any]] = []
+    if data.train_file:
+        path = Path(data.train_file)
+        if not path.exists():
+            raise DataError(f"data.train_file={str(path)!r} does not exist; expected a prompt file")
+        if path.is_file() and path.name.lower().endswith(".jsonl"):
+            lines = check_jsonl_file(path, column)
+        source = f"data.train_file={str(path)!r}"
+    elif data.dataset:
+        source = f"data.dataset={data.dataset!r}"
+    else:
+        if data.task not in TASKS:
+            raise ConfigError(
+                f"data.task={data.task!r}: unknown task; allowed: {', '.join(sorted(TASKS))}, "
+                "or set data.train_file"
+            )
+        source = f"data.task={data.task!r}"
+    rows = training_rows(data, cfg.run.seed)  # the loader the trainer uses: its own errors
+    if len(lines) == len(rows):  # a JSONL file: name lines, not rows
+        located = [(where, row) for (where, _), row in zip(lines, rows, strict=True)]
+    else:
+        located = [(f"{source} row {i}", row) for i, row in enumerate(rows)]
+    check_rows(located, column)
+    return located
 
 
 def check_rewards(cfg) -> None:
