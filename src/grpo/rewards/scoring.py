@@ -191,7 +191,7 @@ def score(
         )
     weight = torch.tensor([float(w) for w in weights])  # [F]
     rewards = (per_function * weight).nansum(dim=1)  # [N]
-    return RewardOutput(rewards, per_function, names, seconds)
+    return RewardOutput(rewards, per_function, names, seconds=seconds)
 
 
 def _check_batch(
