@@ -11,6 +11,8 @@ T completion tokens (right-padded), V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -250,6 +252,7 @@ def batch_logp(
     with_entropy: bool = False,
     share_prompt: bool = True,
     bucket: bool = True,
+    agree: Callable[[int], int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) ``[n, T]`` of ``batch``'s completions.
 
@@ -257,6 +260,9 @@ def batch_logp(
     ``bucket``: rows of similar length run together, each set trimmed to its longest
     completion, so little padding is computed (same numbers; positions past a row's end
     hold 0).
+    ``agree``: given the number of forward calls this process would make, the number it
+    must make (FSDP2, where every process calls the model equally often; see
+    ``grpo.distributed.agreed_calls``); the largest sets are halved until they match.
     """
     lengths = batch.completion_mask.sum(dim=1).long()  # [n]
     chunks = []
@@ -266,6 +272,9 @@ def batch_logp(
         groups = len(torch.unique_consecutive(batch.group_ids)) if shared else 0
         prompt = batch.input_ids.shape[1] - batch.completion_length
         chunks = length_buckets(lengths, CALL_POSITIONS + groups * prompt)
+    if agree is not None:
+        whole = [torch.arange(batch.num_completions)]
+        chunks = split_to(chunks or whole, agree(len(chunks) or 1))
     if len(chunks) <= 1:
         args = (model, batch.input_ids, batch.attention_mask, batch.completion_length)
         if share_prompt and batch.group_ids is not None:
@@ -292,6 +301,22 @@ def batch_logp(
     return torch.cat(logp_parts)[inverse], entropy
 
 
+def split_to(chunks: list, calls: int) -> list:
+    """``chunks`` (row-index tensors) with the largest halved until there are ``calls``.
+
+    >>> [c.tolist() for c in split_to([torch.tensor([0, 2]), torch.tensor([1, 3, 4])], 3)]
+    [[0, 2], [1], [3, 4]]
+    """
+    chunks = list(chunks)
+    while len(chunks) < calls:
+        i = max(range(len(chunks)), key=lambda j: len(chunks[j]))
+        if len(chunks[i]) < 2:
+            raise ValueError(f"cannot split {len(chunks)} sets of single rows into {calls} calls")
+        half = len(chunks[i]) // 2
+        chunks[i : i + 1] = [chunks[i][:half], chunks[i][half:]]
+    return chunks
+
+
 @torch.no_grad()
 def batched_logp(
     model,
@@ -300,10 +325,11 @@ def batched_logp(
     temperature: float,
     share_prompt: bool = True,
     bucket: bool = True,
+    agree: Callable[[int], int] | None = None,
 ) -> torch.Tensor:
     """Log-probs of the batch's completions under ``model``, micro-batch by micro-batch."""
     parts = [
-        batch_logp(model, mb, temperature, share_prompt=share_prompt, bucket=bucket)[0]
+        batch_logp(model, mb, temperature, share_prompt=share_prompt, bucket=bucket, agree=agree)[0]
         for mb in batch.micro_batches(micro_size)
     ]
     return torch.cat(parts)  # [N, T]

@@ -1,0 +1,147 @@
+"""Two processes (gloo) give one process's update: DDP and FSDP2, every loss type.
+
+A fixed global batch of 4 groups is split over 2 ranks, 2 whole groups each; the update
+(reference log-probs, advantages with the batch std, loss over micro-batches, clipping,
+one SGD step) must give the weights that one process gets from the whole batch. Rank 0
+holds groups of even lengths and rank 1 groups of very uneven ones, so length buckets cut
+rank 1's micro-batches into more forward calls than rank 0's, and each group's prompt
+runs apart from its completions (several forward calls before one backward).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from multiprocess import run_ranks
+
+from grpo.advantages import expand_to_tokens
+from grpo.algorithms import build_algorithm
+from grpo.algorithms.objective import policy_loss
+from grpo.config import Config
+from grpo.distributed import (
+    agreed_calls,
+    clip_grad_norm,
+    full_state_dict,
+    global_group_advantages,
+    global_normaliser,
+    loss_scale,
+    synced_micro_batches,
+    wrap,
+)
+from grpo.logprobs import batch_logp, batched_logp
+from grpo.losses import LOSS_TYPES
+from grpo.modeling import init_model_dir
+from grpo.runtime import Runtime
+from grpo.types import Batch
+
+B, G, P, T = 4, 4, 4, 64
+MICRO = 4  # rows per micro-batch: one group; 2 micro-batches per rank, 4 in one process
+LENGTHS = [
+    [64, 64, 62, 64],  # rank 0: even lengths, one forward call per micro-batch
+    [63, 64, 64, 61],
+    [64, 2, 3, 1],  # rank 1: buckets split these into two calls each
+    [1, 64, 2, 3],
+]
+
+
+def global_batch() -> tuple[Batch, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(7, 60, (B * G, P + T), generator=gen)  # [N, P + T]
+    attention = torch.ones(B * G, P + T, dtype=torch.long)  # [N, P + T]
+    for b in range(B):
+        ids[b * G : (b + 1) * G, :P] = ids[b * G, :P]  # one prompt per group
+        attention[b * G : (b + 1) * G, : b % 2] = 0  # odd groups' prompts are left-padded
+    lengths = torch.tensor(LENGTHS).flatten()  # [N]
+    completion = (torch.arange(T) < lengths[:, None]).float()  # [N, T]
+    attention[:, P:] = completion.long()
+    batch = Batch(
+        input_ids=ids,
+        attention_mask=attention,
+        completion_mask=completion,
+        advantages=torch.zeros(B * G, T),
+        group_ids=torch.arange(B).repeat_interleave(G),
+    )
+    rewards = torch.rand(B, G, generator=gen).round(decimals=1)  # [B, G]
+    return batch, rewards
+
+
+def config(loss_type: str) -> Config:
+    return Config.model_validate(
+        {
+            "rollout": {"max_completion_length": T, "num_generations": G, "prompts_per_step": B},
+            "algorithm": {"loss_type": loss_type, "scale_rewards": "batch", "beta": 0.04},
+            "optim": {"max_grad_norm": 0.1, "share_prompt": True, "bucket_by_length": True},
+        }
+    )
+
+
+def one_update(model_dir, ref_dir, strategy: str, loss_type: str) -> dict:
+    """One optimizer step on this rank's share of ``global_batch()``; the full weights."""
+    from transformers import AutoModelForCausalLM
+
+    runtime = Runtime.from_settings("cpu")
+    cfg, (batch, rewards) = config(loss_type), global_batch()
+    per_rank = B // runtime.world_size
+    groups = slice(runtime.rank * per_rank, (runtime.rank + 1) * per_rank)
+    local = batch.rows(slice(groups.start * G, groups.stop * G))
+    rewards = rewards[groups]  # [B/W, G]
+
+    policy = wrap(AutoModelForCausalLM.from_pretrained(model_dir), strategy, runtime)
+    ref = AutoModelForCausalLM.from_pretrained(ref_dir).eval().requires_grad_(False)
+    ref = wrap(ref, strategy, runtime, trained=False)
+    local.ref_logp = batched_logp(ref, local, MICRO, 1.0, agree=agreed_calls(ref, runtime))
+    adv = global_group_advantages(rewards, "batch", cfg.algorithm.advantage_eps, runtime)
+    local.advantages = expand_to_tokens(adv, local.completion_mask)  # [N, T]
+    norm = global_normaliser(local.completion_mask, T, runtime)
+
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+    algorithm = build_algorithm(cfg, runtime, None)
+    micro = list(local.micro_batches(MICRO))
+    agree = agreed_calls(policy, runtime)
+    for mb, sync in zip(micro, synced_micro_batches(policy, len(micro)), strict=True):
+        with sync:
+            logp, entropy = batch_logp(policy, mb, 1.0, True, agree=agree)  # [n, T] each
+            out = policy_loss(logp, entropy, mb, algorithm, cfg.algorithm, norm)
+            (out.loss * loss_scale(runtime)).backward()
+    grad_norm = clip_grad_norm(policy, cfg.optim.max_grad_norm)
+    optimizer.step()
+    return {"weights": full_state_dict(policy), "grad_norm": grad_norm}
+
+
+def all_updates(model_dir, ref_dir) -> dict:
+    return {
+        (strategy, loss_type): one_update(model_dir, ref_dir, strategy, loss_type)
+        for strategy in ("ddp", "fsdp")
+        for loss_type in LOSS_TYPES
+    }
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    from conftest import TINY
+
+    root = tmp_path_factory.mktemp("dist")
+    return init_model_dir(root / "policy", **TINY), init_model_dir(root / "ref", seed=1, **TINY)
+
+
+@pytest.fixture(scope="module")
+def two_process_updates(dirs, tmp_path_factory):
+    return run_ranks(all_updates, 2, tmp_path_factory.mktemp("ranks"), *dirs)[0]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_two_processes_update_like_one(dirs, two_process_updates, strategy, loss_type):
+    from transformers import AutoModelForCausalLM
+
+    one = one_update(*dirs, "ddp", loss_type)  # world size 1: no wrapping at all
+    two = two_process_updates[(strategy, loss_type)]
+    start = AutoModelForCausalLM.from_pretrained(dirs[0]).state_dict()
+    assert one["grad_norm"] > 0.1  # the clip is active: the global norm matters
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-6)
+    assert two["weights"].keys() == one["weights"].keys()
+    for name, w in one["weights"].items():
+        # the update itself (w - start), to 1e-6: the weights' own size hides nothing
+        torch.testing.assert_close(
+            two["weights"][name] - start[name], w - start[name], rtol=0, atol=1e-6
+        )
