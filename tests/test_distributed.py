@@ -10,6 +10,8 @@ runs apart from its completions (several forward calls before one backward).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from multiprocess import run_ranks
@@ -24,7 +26,10 @@ from grpo.distributed import (
     full_state_dict,
     global_group_advantages,
     global_normaliser,
+    load_sharded,
     loss_scale,
+    save_full,
+    save_sharded,
     synced_micro_batches,
     wrap,
 )
@@ -108,12 +113,65 @@ def one_update(model_dir, ref_dir, strategy: str, loss_type: str) -> dict:
     return {"weights": full_state_dict(policy), "grad_norm": grad_norm}
 
 
-def all_updates(model_dir, ref_dir) -> dict:
+def checkpoint_round_trip(model_dir, out_dir, strategy: str) -> dict:
+    """Train one AdamW step, save (sharded, and ``final/`` in full), train another step,
+    then restore the checkpoint into a fresh model and optimizer."""
+    from transformers import AutoModelForCausalLM
+
+    runtime = Runtime.from_settings("cpu")
+    cfg, (batch, rewards) = config("token_mean"), global_batch()
+    local = batch.rows(slice(runtime.rank * 8, (runtime.rank + 1) * 8))  # 2 groups
+    adv = global_group_advantages(
+        rewards[runtime.rank * 2 : (runtime.rank + 1) * 2], "group", 1e-4, runtime
+    )
+    local.advantages = expand_to_tokens(adv, local.completion_mask)  # [N, T]
+
+    def fresh():
+        model = wrap(AutoModelForCausalLM.from_pretrained(model_dir), strategy, runtime)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(model, optimizer):
+        norm = global_normaliser(local.completion_mask, T, runtime)
+        out = policy_loss(model, local, cfg, norm, agreed_calls(model, runtime))
+        (out.loss * loss_scale(runtime)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    directory = Path(out_dir) / strategy
+    directory.mkdir(parents=True, exist_ok=True)
+    model, optimizer = fresh()
+    step(model, optimizer)
+    save_sharded(directory, model, optimizer, {"rank": runtime.rank}, runtime)
+    save_full(directory / "final", model, None, runtime)
+    saved = snapshot(model)
+    step(model, optimizer)
+    after_two = snapshot(model)
+    model, optimizer = fresh()
+    own = load_sharded(directory, model, optimizer, runtime)
+    restored = snapshot(model)
+    step(model, optimizer)
     return {
+        "saved": saved,
+        "restored": restored,
+        "own": own,
+        "after_two": after_two,
+        "resumed_two": snapshot(model),
+    }
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """The full weights as they are now (a one-process state dict shares their storage)."""
+    return {k: v.clone() for k, v in full_state_dict(model).items()}
+
+
+def all_updates(model_dir, ref_dir, out_dir) -> dict:
+    updates = {
         (strategy, loss_type): one_update(model_dir, ref_dir, strategy, loss_type)
         for strategy in ("ddp", "fsdp")
         for loss_type in LOSS_TYPES
     }
+    checkpoints = {s: checkpoint_round_trip(model_dir, out_dir, s) for s in ("ddp", "fsdp")}
+    return {"updates": updates, "checkpoints": checkpoints}
 
 
 @pytest.fixture(scope="module")
@@ -125,17 +183,18 @@ def dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_process_updates(dirs, tmp_path_factory):
-    return run_ranks(all_updates, 2, tmp_path_factory.mktemp("ranks"), *dirs)[0]
+def two_processes(dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    return run_ranks(all_updates, 2, out, *dirs, out / "checkpoints"), out / "checkpoints"
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_two_processes_update_like_one(dirs, two_process_updates, strategy, loss_type):
+def test_two_processes_update_like_one(dirs, two_processes, strategy, loss_type):
     from transformers import AutoModelForCausalLM
 
     one = one_update(*dirs, "ddp", loss_type)  # world size 1: no wrapping at all
-    two = two_process_updates[(strategy, loss_type)]
+    two = two_processes[0][0]["updates"][(strategy, loss_type)]
     start = AutoModelForCausalLM.from_pretrained(dirs[0]).state_dict()
     assert one["grad_norm"] > 0.1  # the clip is active: the global norm matters
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-6)
@@ -145,3 +204,20 @@ def test_two_processes_update_like_one(dirs, two_process_updates, strategy, loss
         torch.testing.assert_close(
             two["weights"][name] - start[name], w - start[name], rtol=0, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_checkpoint_restores_weights_optimizer_and_rank_state(two_processes, strategy):
+    from transformers import AutoModelForCausalLM
+
+    ranks, directory = two_processes
+    got = ranks[0]["checkpoints"][strategy]
+    assert [r["checkpoints"][strategy]["own"] for r in ranks] == [{"rank": 0}, {"rank": 1}]
+    for name, w in got["saved"].items():
+        torch.testing.assert_close(got["restored"][name], w, rtol=0, atol=0)
+        # the optimizer's moments came back too: the next AdamW step is the same step
+        torch.testing.assert_close(got["resumed_two"][name], got["after_two"][name])
+    final = AutoModelForCausalLM.from_pretrained(directory / strategy / "final").state_dict()
+    assert final.keys() == got["saved"].keys()
+    for name, w in got["saved"].items():
+        torch.testing.assert_close(final[name], w, rtol=0, atol=0)

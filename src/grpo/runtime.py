@@ -116,6 +116,20 @@ class Runtime:
         alone: callers that need per-rank streams pass a per-rank seed."""
         return torch.Generator(device=self.device).manual_seed(seed)
 
+    def rank_seed(self, seed: int) -> int:
+        """This rank's own seed: ``seed`` itself on rank 0, so one process reproduces a
+        single-process run, and a distinct one on every other rank, so ranks sampling
+        their own groups draw independent noise."""
+        return seed + 1_000_003 * self.rank
+
+    def shard(self, items: list) -> list:
+        """This rank's contiguous share of ``items``, whose length the world size divides
+        (rank r takes the r-th of ``world_size`` equal slices)."""
+        if len(items) % self.world_size:
+            raise ValueError(f"{len(items)} items do not split over {self.world_size} processes")
+        per_rank = len(items) // self.world_size
+        return items[self.rank * per_rank : (self.rank + 1) * per_rank]
+
     def seed_everything(self, seed: int) -> None:
         """Seed Python's and torch's global generators (initialisation, dropout)."""
         random.seed(seed)
