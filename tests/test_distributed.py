@@ -132,7 +132,10 @@ def checkpoint_round_trip(model_dir, out_dir, strategy: str) -> dict:
 
     def step(model, optimizer):
         norm = global_normaliser(local.completion_mask, T, runtime)
-        out = policy_loss(model, local, cfg, norm, agreed_calls(model, runtime))
+        logp, _ = batch_logp(model, local, 1.0, agree=agreed_calls(model, runtime))  # [n, T]
+        out = policy_loss(
+            logp, None, local, build_algorithm(cfg, runtime, None), cfg.algorithm, norm
+        )
         (out.loss * loss_scale(runtime)).backward()
         optimizer.step()
         optimizer.zero_grad()
