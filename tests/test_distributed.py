@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from multiprocess import run_ranks
+from ranks import run_ranks
 
 from grpo.advantages import expand_to_tokens
 from grpo.algorithms import build_algorithm

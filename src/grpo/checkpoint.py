@@ -64,6 +64,7 @@ RESUMABLE_CHANGES = frozenset(
         "run.eval_every",
         "run.eval_prompts",
         "run.progress",
+        "distributed.world_size",  # recorded by the trainer; the checkpoint's own is checked
     }
 )
 
@@ -92,6 +93,9 @@ class Part:
 
     name: str
     write: Callable[[Path], None]
+    every_rank: bool = False
+    """Under torchrun, written by every process (``torch.distributed.checkpoint``'s
+    shards); the other parts are written by rank 0 alone."""
 
 
 def files_part(name: str, save: Callable[[Path], Any], subdir: str = "") -> Part:
@@ -152,18 +156,35 @@ class Checkpointer:
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
 
-    def save(self, step: int, parts: Iterable[Part]) -> Path:
-        """Write ``parts`` as ``step-{step}`` atomically; keep the newest ``keep_last``."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.clean_stale()
+    def save(self, step: int, parts: Iterable[Part], runtime=None) -> Path:
+        """Write ``parts`` as ``step-{step}`` atomically; keep the newest ``keep_last``.
+
+        Under torchrun (``runtime`` with several processes) every process calls it: they
+        write into rank 0's temporary directory (``every_rank`` parts on every process, the
+        rest on rank 0), and rank 0 writes the manifest and renames it once all are done.
+        """
+        main = runtime is None or runtime.is_main
+        many = runtime is not None and runtime.distributed
+        pid = runtime.gather_objects(os.getpid())[0] if many else os.getpid()
         final = self.root / f"step-{step}"
-        tmp = self.root / f".tmp-step-{step}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = self.root / f".tmp-step-{step}-{pid}"
+        if main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.clean_stale()
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
         names = []
         for part in parts:
-            part.write(tmp)
+            if many and part.every_rank:
+                runtime.barrier()  # the directory exists
+            if main or part.every_rank:
+                part.write(tmp)
             names.append(part.name)
+        if many:
+            runtime.barrier()  # every process has written
+        if not main:
+            runtime.barrier()  # rank 0 has published
+            return final
         self._write_manifest(tmp, step, names)
         old = None
         if final.exists():  # the same step saved again (e.g. right after a resume)
@@ -175,6 +196,8 @@ class Checkpointer:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self.prune()
+        if many:
+            runtime.barrier()
         return final
 
     @staticmethod
@@ -237,6 +260,30 @@ def save_checkpoint(
         dump = config.model_dump() if hasattr(config, "model_dump") else config
         parts.append(text_part("config", CONFIG_FILE, yaml.safe_dump(dump, sort_keys=False)))
     return Checkpointer(output_dir, keep).save(step, parts)
+
+
+def save_checkpoint_sharded(
+    output_dir: str | Path,
+    step: int,
+    tokenizer,
+    state: dict[str, Any],
+    write_shards: Callable[[Path], None],
+    runtime,
+    keep: int = 2,
+    config: Any = None,
+) -> Path:
+    """``save_checkpoint`` under torchrun; every process calls it. ``write_shards`` writes
+    the weights, optimizer and each process's own state on every process
+    (``grpo.distributed.save_sharded``); rank 0 writes the tokenizer, ``state`` (what the
+    processes share) and the config."""
+    parts = [Part("sharded", write_shards, every_rank=True)]
+    if tokenizer is not None:
+        parts.append(files_part("tokenizer", tokenizer.save_pretrained))
+    parts.append(state_part("trainer_state", state))
+    if config is not None:
+        text = yaml.safe_dump(config.model_dump(), sort_keys=False)
+        parts.append(text_part("config", CONFIG_FILE, text))
+    return Checkpointer(output_dir, keep).save(step, parts, runtime)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -378,8 +425,7 @@ def check_resumable(
         _check_config(path, cfg, False)
         return path
     raise CheckpointError(
-        f"no intact checkpoint to resume from in {str(output_dir)!r}: all {len(found)} are "
-        "damaged"
+        f"no intact checkpoint to resume from in {str(output_dir)!r}: all {len(found)} are damaged"
     )
 
 

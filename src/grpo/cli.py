@@ -183,16 +183,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from grpo.trainer import GRPOTrainer
 
     trainer = GRPOTrainer(cfg)
+    main = trainer.runtime.is_main  # under torchrun, rank 0 alone speaks
     if args.resume is not None:
         step = trainer.resume(args.resume or None, args.allow_config_change)
-        console.print(f"resumed from step {step}")
+        if main:
+            console.print(f"resumed from step {step}")
     trainer.train()
-    from grpo.report import plot_run
+    trainer.runtime.close()
+    if main:
+        from grpo.report import plot_run
 
-    console.print(
-        f"log: {trainer.output_dir / 'metrics.jsonl'}   curves: {plot_run(trainer.output_dir)}   "
-        f"report: grpo report {trainer.output_dir}"
-    )
+        console.print(
+            f"log: {trainer.output_dir / 'metrics.jsonl'}   "
+            f"curves: {plot_run(trainer.output_dir)}   report: grpo report {trainer.output_dir}"
+        )
     return 128 + trainer.stop_signal if trainer.stop_signal else 0
 
 
@@ -319,9 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="init -> sft -> eval -> GRPO -> eval on the built-in task, on CPU"
     )
     s.add_argument("--output-dir", default="runs/demo")
-    s.add_argument(
-        "overrides", nargs="*", help="GRPO config overrides, e.g. model.device=cuda"
-    )
+    s.add_argument("overrides", nargs="*", help="GRPO config overrides, e.g. model.device=cuda")
     s.add_argument(
         "--fast", action="store_true", help="a seconds-long smoke run (no learning expected)"
     )

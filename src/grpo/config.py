@@ -296,6 +296,44 @@ class LoggingConfig(_Section):
         return sinks
 
 
+class DistributedConfig(_Section):
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How ``torchrun``'s processes hold the policy: ``ddp`` (a full copy each, gradients
+    all-reduced) or ``fsdp`` (FSDP2's ``fully_shard`` per decoder layer and at the root:
+    weights, gradients and optimizer states split over the processes, for models that do
+    not fit one device; the reference is sharded the same way). One process ignores it."""
+    world_size: int | None = Field(default=None, ge=1)
+    """Processes of the run, recorded by the trainer from torchrun's environment (in the
+    saved ``config.yaml``). Left empty, any number works; set, a launch with another number
+    stops before loading."""
+
+    def check(self, world_size: int, cfg: Config) -> None:
+        """Stop a launch whose process count cannot split the batch into whole groups."""
+        if self.world_size is not None and self.world_size != world_size:
+            raise ConfigError(
+                f"distributed.world_size = {self.world_size}: the run was launched on "
+                f"{world_size} processes; launch {self.world_size} or leave it empty"
+            )
+        b, mb = cfg.rollout.prompts_per_step, cfg.optim.num_minibatches
+        if b % world_size or (b // world_size) % mb:
+            raise ConfigError(
+                f"rollout.prompts_per_step = {b}: expected a multiple of the {world_size} "
+                f"processes times optim.num_minibatches = {mb}, so that every process holds "
+                "whole groups in every mini-batch"
+            )
+        per_mini = b // world_size // mb * cfg.rollout.num_generations
+        if per_mini % cfg.optim.gradient_accumulation_steps:
+            raise ConfigError(
+                f"optim.gradient_accumulation_steps = {cfg.optim.gradient_accumulation_steps} "
+                f"does not divide the {per_mini} completions of a process's mini-batch"
+            )
+        if world_size > 1 and cfg.algorithm.name == "ppo":
+            raise ConfigError(
+                "algorithm.name = 'ppo': the critic trains on one process only; use grpo or "
+                "rloo under torchrun, or launch one process"
+            )
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -305,6 +343,7 @@ class Config(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
     def _algorithm_options(self) -> Config:

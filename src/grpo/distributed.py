@@ -32,8 +32,6 @@ Shape letters (see ``grpo.types``): B prompts of this rank, G completions per pr
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ import torch
 from torch import nn
 
 from grpo.advantages import group_advantages
+from grpo.hf import unwrap
 from grpo.losses import Normaliser
 from grpo.runtime import Runtime
 
@@ -95,13 +94,6 @@ def wrap(model: nn.Module, strategy: str, runtime: Runtime, trained: bool = True
     # forward_sync_buffers=False: buffers (RoPE frequencies) never change, and syncing
     # them at every forward would make forward calls collectives
     return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under a DDP wrapper (FSDP2 keeps the model's own class)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -192,29 +184,66 @@ def global_group_advantages(
     return adv[start : start + rewards.shape[0]].to(rewards.device)  # [B, G]
 
 
-def global_count(count: int, runtime: Runtime, op: str = "sum") -> int:
-    """An integer summed (or ``min``/``max``) over ranks: dynamic sampling's decisions."""
-    return int(runtime.all_reduce(torch.tensor([count]), op).item())
+def fewest(count: int, runtime: Runtime) -> int:
+    """The smallest ``count`` of any rank. Dynamic sampling refills until every rank holds
+    its B/W informative groups, and every rank then trains on the same number of groups,
+    so all ranks run the same generation rounds and the same update."""
+    return int(runtime.all_reduce(torch.tensor([count]), "min").item())
 
 
-def mean_metrics(metrics: dict[str, float], weight: float, runtime: Runtime) -> dict[str, float]:
-    """Each metric averaged over ranks, weighted by ``weight`` (e.g. this rank's tokens)."""
+def anywhere(flag: bool, runtime: Runtime) -> bool:
+    """Whether ``flag`` holds on any rank: an optimizer step is skipped (no learning signal)
+    only where it is skipped on every rank, since the others' backward is a collective."""
+    return bool(runtime.all_reduce(torch.tensor([int(flag)]), "max").item())
+
+
+def global_sum(value: float, runtime: Runtime) -> float:
+    """A number summed over ranks (a loss: each rank's is its share of the global one)."""
+    if not runtime.distributed:
+        return value
+    return float(runtime.all_reduce(torch.tensor([value], dtype=torch.float64)).item())
+
+
+def same_weights(a: nn.Module, b: nn.Module, runtime: Runtime) -> bool:
+    """Whether two models, sharded alike or whole, hold bitwise-equal weights on every rank
+    (each rank compares its own shards)."""
+    sa, sb = a.state_dict(), b.state_dict()
+
+    def local(x: torch.Tensor) -> torch.Tensor:
+        return x.to_local() if hasattr(x, "to_local") else x
+
+    equal = sa.keys() == sb.keys() and all(
+        torch.equal(local(x), local(sb[k])) for k, x in sa.items()
+    )
+    return fewest(int(equal), runtime) == 1
+
+
+SUMMED_METRICS = ("loss", "tokens_per_s", "dynamic_sampling/groups_kept")
+"""Metrics that add up over ranks: each rank's loss is its share of the global loss."""
+SLOWEST_METRICS = ("completions/max_length", "step_time")
+"""Metrics whose global value is the largest rank's (with every ``time/`` and ``memory/``)."""
+
+
+def global_metrics(
+    metrics: dict[str, float], runtime: Runtime, weight: float = 1.0
+) -> dict[str, float]:
+    """One step's metrics over all ranks: means weighted by ``weight`` (a rank's tokens,
+    or 1 where ranks hold equal numbers of completions), sums for ``SUMMED_METRICS``,
+    maxima for ``SLOWEST_METRICS``, times and memory. The identity in one process."""
     if not runtime.distributed:
         return metrics
     parts = runtime.gather_objects((metrics, weight))
     total = sum(w for _, w in parts) or 1.0
-    return {k: sum(m[k] * w for m, w in parts) / total for k in metrics}
-
-
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm and return it (before clipping). Under FSDP2 each
-    rank holds gradient shards, whose norms are combined over ranks."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    full = getattr(norm, "full_tensor", None)
-    norm = full() if full is not None else norm
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm or float("inf"), norm)
-    return float(norm)
+    out = {}
+    for k in metrics:
+        values = [m[k] for m, _ in parts]
+        if k in SUMMED_METRICS:
+            out[k] = sum(values)
+        elif k in SLOWEST_METRICS or k.startswith(("time/", "memory/")):
+            out[k] = max(values)
+        else:
+            out[k] = sum(v * w for v, (_, w) in zip(values, parts, strict=True)) / total
+    return out
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -224,29 +253,42 @@ def save_sharded(
     optimizer: torch.optim.Optimizer,
     rank_state: dict[str, Any],
     runtime: Runtime,
+    reference: nn.Module | None = None,
 ) -> None:
-    """Model and optimizer through ``torch.distributed.checkpoint`` (each rank writes its
-    shards under FSDP2; under DDP the replicated tensors once), plus this rank's own state
-    (``rank-R.pt``); returns when every rank has written (a barrier). ``directory`` is the
-    same path on every rank, on a filesystem they all see."""
+    """Model and optimizer (and a ``reference`` that moved, iterative RL) through
+    ``torch.distributed.checkpoint`` (each rank writes its shards under FSDP2; under DDP the
+    replicated tensors once), plus this rank's own state (``rank-R.pt``); returns when every
+    rank has written (a barrier). ``directory`` is the same path on every rank, on a
+    filesystem they all see."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     directory = Path(directory)
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save(
-        {"model": model_state, "optimizer": optim_state}, checkpoint_id=directory / SHARDED_DIR
-    )
+    dcp.save(_dcp_state(model, optimizer, reference), checkpoint_id=directory / SHARDED_DIR)
     torch.save(rank_state, directory / RANK_FILE.format(rank=runtime.rank))
     runtime.barrier()
 
 
+def _dcp_state(model, optimizer, reference) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    if reference is not None:
+        state["reference"] = get_model_state_dict(reference)
+    return state
+
+
 def load_sharded(
-    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    reference: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Restore what ``save_sharded`` wrote, on the same world size; return this rank's state."""
+    """Restore what ``save_sharded`` wrote, on the same world size; return this rank's state.
+    Give ``reference`` exactly when it was saved."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     directory = Path(directory)
     mine = directory / RANK_FILE.format(rank=runtime.rank)
@@ -256,13 +298,14 @@ def load_sharded(
             f"checkpoint {str(directory)!r} was written by {saved} processes; this run has "
             f"world size {runtime.world_size}: resume on the same number of processes"
         )
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
+    state = _dcp_state(model, optimizer, reference)
     dcp.load(state, checkpoint_id=directory / SHARDED_DIR)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
-    return torch.load(mine, weights_only=False)
+    if reference is not None:
+        set_model_state_dict(reference, state["reference"])
+    return torch.load(mine, weights_only=True)  # tensors and plain values only
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -282,15 +325,4 @@ def save_full(directory: str | Path, model: nn.Module, tokenizer, runtime: Runti
         unwrap(model).save_pretrained(directory, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
-    runtime.barrier()
-
-
-def publish(tmp: Path, final: Path, runtime: Runtime) -> None:
-    """Rank 0 renames a checkpoint written by every rank into place, after all have
-    finished; the others wait until it is there."""
-    runtime.barrier()
-    if runtime.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
     runtime.barrier()

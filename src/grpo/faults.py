@@ -147,6 +147,16 @@ class RunControl:
             t.sampler.state_dict(), t.generator.get_state(), ckpt.rng_state(), _updates(t)
         )
 
+    def stopping(self) -> bool:
+        """Whether a stop signal arrived, on any process of a torchrun run (they stop
+        together, after the same step)."""
+        runtime = getattr(self.trainer, "runtime", None)
+        if runtime is None or not runtime.distributed:
+            return bool(self.stop)
+        from grpo.distributed import anywhere
+
+        return anywhere(bool(self.stop), runtime)
+
     def end_step(self) -> None:
         """The step is complete: an error from here on saves it as it is."""
         self._start = None
@@ -171,7 +181,12 @@ class RunControl:
         by_steps = bool(run.save_every) and step % run.save_every == 0
         minutes = run.save_every_minutes
         by_clock = bool(minutes) and time.monotonic() - self._last_save >= 60 * minutes
-        return by_steps or by_clock
+        runtime = getattr(self.trainer, "runtime", None)
+        if by_steps or runtime is None or not runtime.distributed:
+            return by_steps or by_clock
+        from grpo.distributed import anywhere
+
+        return anywhere(by_clock, runtime)  # every process saves, or none
 
     def save(self) -> Path:
         path = self.trainer.save()
@@ -194,6 +209,14 @@ class RunControl:
         t, start = self.trainer, self._start
         if isinstance(error, NonFiniteError):
             return  # saved already
+        runtime = getattr(t, "runtime", None)
+        if runtime is not None and runtime.distributed:
+            _say(
+                f"error in step {t.step + 1} on rank {runtime.rank}: a torchrun run saves only "
+                f"with every process; the newest checkpoint is "
+                f"{ckpt.latest_checkpoint(t.output_dir)}"
+            )
+            return
         if start is not None and _updates(t) != start.updates:
             _say(
                 f"error in step {t.step + 1} after its first optimizer step: no checkpoint "

@@ -323,7 +323,7 @@ def run_name(cfg) -> str:
 def open_sinks(cfg, start_step: int = 0, main: bool = True) -> RunLog:
     """The run's sinks, chosen once from the config; ``main=False`` (every process but the
     first in a multi-process run) gives a log that writes nothing."""
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=not main)  # one process speaks
     if not main:
         return RunLog([], console)
     out = Path(cfg.run.output_dir)

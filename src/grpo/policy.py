@@ -13,6 +13,7 @@ run at all and the loss takes the policy's own log-probs (``Reference.equals_pol
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from grpo import distributed
 from grpo.config import Config
 from grpo.diagnostics import same_weights
 from grpo.hf import load_model_and_tokenizer, unwrap
@@ -73,6 +75,16 @@ class Policy:
     def __init__(self, module: torch.nn.Module, runtime: Runtime, settings: LogpSettings):
         self.module = module.to(runtime.device)
         self.runtime, self.settings = runtime, settings
+        self.agree = None  # forward calls agreed between processes (FSDP2), see distribute
+
+    def distribute(self, strategy: str) -> None:
+        """Wrap the module for ``torchrun``'s processes (DDP or FSDP2; a no-op in one)."""
+        self.module = distributed.wrap(self.module, strategy, self.runtime)
+        self.agree = distributed.agreed_calls(self.module, self.runtime)
+
+    def gathered(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """The module to generate with: full weights for the block under FSDP2."""
+        return distributed.gathered_parameters(self.module)
 
     @property
     def base(self) -> torch.nn.Module:
@@ -84,19 +96,32 @@ class Policy:
         s = self.settings
         with self.runtime.autocast():
             return batch_logp(
-                self.module, batch, s.temperature, with_entropy, s.share_prompt, s.bucket
+                self.module,
+                batch,
+                s.temperature,
+                with_entropy,
+                s.share_prompt,
+                s.bucket,
+                self.agree,
             )
 
     def logp_no_grad(self, batch: Batch, micro_size: int) -> Tensor:
         """Log-probs ``[N, T]`` of a whole batch, micro-batch by micro-batch, no gradient
         (the old-policy pass right after sampling)."""
-        return _logp_no_grad(self.module, batch, micro_size, self.settings, self.runtime)
+        return _logp_no_grad(
+            self.module, batch, micro_size, self.settings, self.runtime, self.agree
+        )
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def save(self, directory: str | Path) -> None:
-        self.base.save_pretrained(directory)
+        """The whole model in ``save_pretrained`` form (under torchrun every process calls
+        this; the weights are gathered and rank 0 writes)."""
+        if self.runtime.distributed:
+            distributed.save_full(directory, self.module, None, self.runtime)
+        else:
+            self.base.save_pretrained(directory)
 
     def load(self, directory: str | Path) -> None:
         load_weights(self.base, directory)
@@ -108,9 +133,12 @@ def _logp_no_grad(
     micro_size: int,
     s: LogpSettings,
     runtime: Runtime,
+    agree=None,
 ) -> Tensor:
     with runtime.autocast():
-        return batched_logp(module, batch, micro_size, s.temperature, s.share_prompt, s.bucket)
+        return batched_logp(
+            module, batch, micro_size, s.temperature, s.share_prompt, s.bucket, agree
+        )
 
 
 class Reference:
@@ -130,6 +158,12 @@ class Reference:
         self.equals_policy = equals_policy
         """Whether its weights are bitwise the policy's: true from a copy or a reset until
         the policy's next optimizer step (``policy_stepped``)."""
+        self.agree = None
+
+    def distribute(self, strategy: str) -> None:
+        """Shard the reference like the policy under FSDP2 (DDP leaves it whole)."""
+        self.module = distributed.wrap(self.module, strategy, self.runtime, trained=False)
+        self.agree = distributed.agreed_calls(self.module, self.runtime)
 
     @classmethod
     def build(cls, cfg: Config, policy: Policy) -> Reference | None:
@@ -148,7 +182,9 @@ class Reference:
 
     def logp(self, batch: Batch, micro_size: int) -> Tensor:
         """Log-probs ``[N, T]`` of a whole batch under the reference, no gradient."""
-        return _logp_no_grad(self.module, batch, micro_size, self.settings, self.runtime)
+        return _logp_no_grad(
+            self.module, batch, micro_size, self.settings, self.runtime, self.agree
+        )
 
     def reset_to(self, policy: Policy) -> None:
         """Copy the policy's current weights into the reference."""

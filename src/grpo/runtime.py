@@ -159,4 +159,5 @@ class Runtime:
     def close(self) -> None:
         """Leave the process group (once, at the end of a run)."""
         if self.distributed and dist.is_initialized():
+            dist.barrier()  # no process tears its connections down while another still uses them
             dist.destroy_process_group()

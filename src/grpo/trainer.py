@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from grpo import checkpoint as ckpt
+from grpo import distributed
 from grpo.advantages import informative_groups
 from grpo.algorithms import build_algorithm
 from grpo.algorithms.objective import policy_loss
@@ -30,10 +31,10 @@ from grpo.config import Config, dump_config
 from grpo.conventions import check_chat_prompts, stop_token_ids
 from grpo.data import PromptSampler, encode_prompt, training_rows
 from grpo.diagnostics import RunDiagnostics, moves_weights
+from grpo.errors import CheckpointError
 from grpo.evaluation import periodic_task_eval
 from grpo.faults import NonFiniteGuard, RunControl
 from grpo.hf import load_model_and_tokenizer
-from grpo.losses import Normaliser
 from grpo.metrics import current_rss_mb, memory_metrics, open_sinks, step_samples
 from grpo.optim import build_optimizer
 from grpo.policy import DTYPES, LogpSettings, Policy, Reference
@@ -64,9 +65,7 @@ def sampling_params(cfg: Config, tokenizer: Any, model: Any = None) -> SamplingP
 def setup_policy(cfg: Config, runtime: Runtime, model=None, tokenizer=None):
     """The policy (loaded from ``model.name_or_path`` unless given) and its tokenizer."""
     if model is None or tokenizer is None:
-        model, tokenizer = load_model_and_tokenizer(
-            cfg.model.name_or_path, DTYPES[cfg.model.dtype]
-        )
+        model, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path, DTYPES[cfg.model.dtype])
     return Policy(model, runtime, LogpSettings.from_config(cfg)), tokenizer
 
 
@@ -115,6 +114,8 @@ class GRPOTrainer:
         self.cfg = cfg
         self.rss_at_start_mb = current_rss_mb()  # before any model is loaded
         self.runtime = Runtime.from_settings(cfg.model.device, cfg.model.autocast)
+        cfg.distributed.check(self.runtime.world_size, cfg)
+        cfg.distributed.world_size = self.runtime.world_size  # recorded in config.yaml
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         self.runtime.seed_everything(cfg.run.seed)
@@ -128,13 +129,15 @@ class GRPOTrainer:
         self.eval_fn = eval_fn or periodic_task_eval(cfg, functions)
         self.policy, self.tokenizer = setup_policy(cfg, self.runtime, model, tokenizer)
         self.reference = Reference.build(cfg, self.policy)
+        for model in (self.policy, self.reference) if self.reference else (self.policy,):
+            model.distribute(cfg.distributed.strategy)  # before the optimizer sees parameters
         self.prompt_ids = [
             encode_prompt(self.tokenizer, r[col], cfg.data.add_special_tokens) for r in self.rows
         ]
         self.sampler = PromptSampler(len(self.rows), cfg.run.seed)
         self.engine = engine or make_engine(cfg.rollout.engine)
         self.sampling = sampling_params(cfg, self.tokenizer, self.policy.base)
-        self.generator = self.runtime.generator(cfg.run.seed)
+        self.generator = self.runtime.generator(self.runtime.rank_seed(cfg.run.seed))
         r = cfg.rollout
         self.diagnostics = RunDiagnostics(r.max_completion_length, r.num_generations)
         self.scorer = RolloutScorer(cfg, self.tokenizer, functions)
@@ -159,13 +162,16 @@ class GRPOTrainer:
         the last complete step before it propagates (see ``grpo.faults``)."""
         cfg = self.cfg
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, self.output_dir / "config.yaml")
+        main = self.runtime.is_main  # the one writer of logs, config and final/
+        if main:
+            dump_config(cfg, self.output_dir / "config.yaml")
         history: list[dict[str, float]] = []
-        logger = open_sinks(cfg, self.step)
+        logger = open_sinks(cfg, self.step, main)
         with logger, RunControl(self) as run:
             if self.step == 0 and self._eval_due():  # the curve starts at the reference
                 logger.log(0, self._evaluate())
-            while self.step < cfg.optim.max_steps and not run.stop:
+            # a stop signal on any process stops them all after the same step
+            while self.step < cfg.optim.max_steps and not run.stopping():
                 run.begin_step()
                 metrics = self.train_step()
                 self.step += 1
@@ -180,13 +186,14 @@ class GRPOTrainer:
                 if self.step % cfg.run.log_every == 0:
                     logger.log(self.step, metrics, self.samples)
                 run.checkpoint()
-            if run.stop:
+            if run.stopping():
                 self.stop_signal = run.stop_and_save()
                 return history
         self.save()
         self.engine.close()
         self.policy.save(self.output_dir / "final")
-        self.tokenizer.save_pretrained(self.output_dir / "final")
+        if main:
+            self.tokenizer.save_pretrained(self.output_dir / "final")
         return history
 
     def train_step(self) -> dict[str, float]:
@@ -229,10 +236,20 @@ class GRPOTrainer:
         if self.reference is not None and n_reset and (self.step + 1) % n_reset == 0:
             self.reference.reset_to(self.policy)
 
+        # over all processes: update metrics weighted by each one's tokens
+        tokens = batch.completion_mask.sum().item()
+        update_metrics = _weighted_mean(updates, [1.0] * len(updates))
+        step_metrics = self._step_metrics(scored, reward_metrics, clock)
+        return {
+            **distributed.global_metrics(step_metrics, self.runtime),
+            **distributed.global_metrics(update_metrics, self.runtime, weight=tokens),
+            "world_size": self.runtime.world_size,
+        }
+
+    def _step_metrics(self, scored: Scored, reward_metrics: dict, clock: PhaseClock) -> dict:
         lengths = scored.rollout.completion_lengths.float()  # [N]
         return {
             **reward_metrics,
-            **_weighted_mean(updates, [1.0] * len(updates)),
             "completions/mean_length": lengths.mean().item(),
             "completions/max_length": lengths.max().item(),
             "completions/truncated_frac": scored.rollout.truncated.float().mean().item(),
@@ -257,7 +274,9 @@ class GRPOTrainer:
         return bool(every and self.eval_fn and self.step % every == 0)
 
     def _evaluate(self) -> dict[str, float]:
-        return {f"eval/{k}": v for k, v in self.eval_fn(self.model, self.tokenizer).items()}
+        with self.policy.gathered():  # rank 0 evaluates; the weights are whole on every rank
+            out = self.eval_fn(self.model, self.tokenizer) if self.runtime.is_main else {}
+        return {f"eval/{k}": v for k, v in out.items()}
 
     def _sample_and_score(self, clock: PhaseClock) -> tuple[Scored, dict[str, float]]:
         """One generation round of B prompts; with dynamic sampling, more rounds (at most
@@ -266,23 +285,25 @@ class GRPOTrainer:
         scored, metrics = self.sample_round(b, clock)
         if not alg.dynamic_sampling:
             return scored, metrics
+        b //= self.runtime.world_size  # this process's groups
         kept = [scored.select(informative_groups(scored.rewards))]
-        for _ in range(alg.max_refills):
-            if sum(p.num_groups for p in kept) >= b:
+        for _ in range(alg.max_refills):  # until every process holds its b groups
+            if distributed.fewest(sum(p.num_groups for p in kept), self.runtime) >= b:
                 break
-            more, _ = self.sample_round(b, clock)
+            more, _ = self.sample_round(self.cfg.rollout.prompts_per_step, clock)
             kept.append(more.select(informative_groups(more.rewards)))
-        have = sum(p.num_groups for p in kept)
+        have = distributed.fewest(sum(p.num_groups for p in kept), self.runtime)
         if have == 0:
             raise RuntimeError(
                 f"dynamic sampling found no group with differing rewards in "
-                f"{alg.max_refills + 1} rounds of {b} prompts: every completion of every "
-                "group scored the same. Check the reward functions, or make the task easier "
-                "(or harder) for this model, or raise algorithm.max_refills."
+                f"{alg.max_refills + 1} rounds of {self.cfg.rollout.prompts_per_step} prompts: "
+                "every completion of every group scored the same. Check the reward "
+                "functions, or make the task easier (or harder) for this model, or raise "
+                "algorithm.max_refills."
             )
         merged = Scored.concat(kept, self.sampling.pad_token_id)
-        if have > b:
-            merged = merged.select(torch.arange(have) < b)
+        if merged.num_groups > min(have, b):  # every process trains on as many groups
+            merged = merged.select(torch.arange(merged.num_groups) < min(have, b))
         metrics["dynamic_sampling/groups_kept"] = min(have, b)
         return merged, metrics
 
@@ -290,13 +311,15 @@ class GRPOTrainer:
         self, num_prompts: int, clock: PhaseClock | None = None
     ) -> tuple[Scored, dict[str, float]]:
         """Draw ``num_prompts`` prompts, generate G completions each and score them, exactly
-        as a training step does (``grpo check`` shows one such round)."""
+        as a training step does (``grpo check`` shows one such round). Under torchrun
+        ``num_prompts`` is the global count: every process draws them all and keeps its own
+        whole groups."""
         clock = clock or PhaseClock()
         state = self._trainer_state()  # before the draw, as TRL's
-        idx = self.sampler.next(num_prompts)
-        with self.runtime.autocast():
+        idx = self.runtime.shard(self.sampler.next(num_prompts))
+        with self.runtime.autocast(), self.policy.gathered() as module:
             rollout = self.engine.generate(
-                self.policy.module, [self.prompt_ids[i] for i in idx], self.sampling, self.generator
+                module, [self.prompt_ids[i] for i in idx], self.sampling, self.generator
             )
         clock.lap("generation")
         out = self.scorer([self.rows[i] for i in idx], rollout, state)
@@ -321,31 +344,37 @@ class GRPOTrainer:
     def _optimizer_step(self, mini: Batch, micro: int) -> dict[str, float]:
         cfg = self.cfg
         mini.ref_is_policy = self.reference is not None and self.reference.equals_policy
-        if not moves_weights(mini, self.algorithm):  # no signal: optimizer and schedule stay
+        moves = moves_weights(mini, self.algorithm)
+        if not distributed.anywhere(moves, self.runtime):  # no signal: nothing steps
             kl = {"kl": 0.0, f"kl/{self.algorithm.kl_estimator}": 0.0}
             return {"loss": 0.0, "grad_norm": 0.0, "step_skipped": 1.0} | (
                 kl if mini.ref_is_policy else {}
             )
-        norm = Normaliser.from_mask(mini.completion_mask, cfg.rollout.max_completion_length)
+        # the global batch's normaliser, and the world size undoing DDP/FSDP2's gradient mean
+        rt, length = self.runtime, cfg.rollout.max_completion_length
+        norm = distributed.global_normaliser(mini.completion_mask, length, rt)
         self.optimizer.zero_grad(set_to_none=True)
         parts, weights, loss = [], [], 0.0
-        for mb in mini.micro_batches(micro):
-            logp, entropy = self.policy.logp(mb, with_entropy=True)  # [n, T] each
-            out = policy_loss(logp, entropy, mb, self.algorithm, cfg.algorithm, norm)
-            out.loss.backward()
+        micro_batches = list(mini.micro_batches(micro))
+        syncs = distributed.synced_micro_batches(self.policy.module, len(micro_batches))
+        for mb, sync in zip(micro_batches, syncs, strict=True):
+            with sync:
+                logp, entropy = self.policy.logp(mb, with_entropy=True)  # [n, T] each
+                out = policy_loss(logp, entropy, mb, self.algorithm, cfg.algorithm, norm)
+                (out.loss * distributed.loss_scale(rt)).backward()
             loss += out.loss.item()
             parts.append(out.metrics)
             weights.append(mb.completion_mask.sum().item())
-        max_norm = cfg.optim.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), max_norm)
-        applied = self.nonfinite.ok(loss, grad_norm)  # a non-finite step is never applied
+        grad_norm = distributed.clip_grad_norm(self.policy.module, cfg.optim.max_grad_norm)
+        # a non-finite step is never applied; every process decides on the global loss
+        applied = self.nonfinite.ok(distributed.global_sum(loss, rt), grad_norm)
         if applied:
             self.optimizer.step()
             self.scheduler.step()
         if applied and self.reference is not None:
             self.reference.policy_stepped()
         skipped = {"step_skipped": 0.0, "nonfinite_skipped": float(not applied)}
-        metrics = {"loss": loss, "grad_norm": grad_norm.item(), **skipped}
+        metrics = {"loss": loss, "grad_norm": grad_norm, **skipped}
         return metrics | _weighted_mean(parts, weights)
 
     # ------------------------------------------------------------------ checkpoints
@@ -362,6 +391,8 @@ class GRPOTrainer:
 
     def save(self) -> Path:
         ref_moved = self.reference is not None and self.cfg.algorithm.ref_reset_every > 0
+        if self.runtime.distributed:
+            return self._save_sharded(ref_moved)
         return ckpt.save_checkpoint(
             self.output_dir,
             self.step,
@@ -381,6 +412,17 @@ class GRPOTrainer:
         path, state = ckpt.load_for_resume(
             self.output_dir, checkpoint, self.cfg, allow_config_change
         )
+        saved = state.get("world_size", 1)
+        if saved != self.runtime.world_size:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was written by {saved} process(es); this run has "
+                f"{self.runtime.world_size}: resume it with torchrun --nproc_per_node={saved}"
+                if saved > 1
+                else f"checkpoint {str(path)!r} was written by 1 process: resume it without "
+                "torchrun"
+            )
+        if self.runtime.distributed:
+            return self._resume_sharded(path, state)
         self.policy.load(path)
         if self.reference is not None and (path / ckpt.REF_DIR).is_dir():
             self.reference.load(path / ckpt.REF_DIR)
@@ -391,6 +433,39 @@ class GRPOTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["generator"])
         ckpt.set_rng_state(state["rng"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.step = state["step"]
+        return self.step
+
+    def _save_sharded(self, ref_moved: bool) -> Path:
+        """Under torchrun: weights and optimizer through torch.distributed.checkpoint, each
+        process's sampler, generator and RNG in its own file."""
+        state = self.state_dict()
+        del state["optimizer"]  # sharded, with the weights
+        own = {k: state.pop(k) for k in ("sampler", "generator", "rng")}
+        state |= {"reference_saved": ref_moved, "world_size": self.runtime.world_size}
+        ref = self.reference.module if ref_moved else None
+
+        def shards(directory: Path) -> None:
+            module, rt = self.policy.module, self.runtime
+            distributed.save_sharded(directory, module, self.optimizer, own, rt, ref)
+
+        return ckpt.save_checkpoint_sharded(
+            self.output_dir, self.step, self.tokenizer, state, shards, self.runtime,
+            self.cfg.run.keep_last, self.cfg,
+        )  # fmt: skip
+
+    def _resume_sharded(self, path: Path, state: dict[str, Any]) -> int:
+        ref = self.reference.module if state.get("reference_saved") else None
+        own = distributed.load_sharded(path, self.policy.module, self.optimizer, self.runtime, ref)
+        if self.reference is not None:
+            self.reference.equals_policy = distributed.same_weights(
+                self.reference.module, self.policy.base, self.runtime
+            )
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(own["sampler"])
+        self.generator.set_state(own["generator"])
+        ckpt.set_rng_state(own["rng"])
         self.algorithm.load_state_dict(state["algorithm"])
         self.step = state["step"]
         return self.step

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from grpo.advantages import expand_to_tokens, group_advantages, process_advantages
+from grpo.advantages import expand_to_tokens, process_advantages
 from grpo.algorithms.registry import register_algorithm, several_updates
 from grpo.config import Config, ConfigError
+from grpo.distributed import global_group_advantages
 from grpo.rewards.models import ProcessRewardModel, StepRewardSource, verifier_step_source
 from grpo.rewards.process import char_to_token_ends, step_tensors
 from grpo.runtime import Runtime
@@ -40,7 +41,7 @@ class GRPO:
     clipped = True
 
     def __init__(self, cfg: Config, runtime: Runtime, tokenizer: Any):
-        self.cfg, self.tokenizer = cfg, tokenizer
+        self.cfg, self.tokenizer, self.runtime = cfg, tokenizer, runtime
         self.kl_in_loss = cfg.algorithm.beta > 0
         self.kl_estimator = cfg.algorithm.kl_estimator
         process = cfg.algorithm.advantage == "process"
@@ -52,7 +53,9 @@ class GRPO:
     def prepare(self, batch: Batch, scored: Scored, micro_size: int) -> None:
         alg, mask = self.cfg.algorithm, batch.completion_mask  # [N, T]
         if self.step_source is None:
-            adv = group_advantages(scored.rewards, alg.scale_rewards, alg.advantage_eps)  # [B, G]
+            adv = global_group_advantages(
+                scored.rewards, alg.scale_rewards, alg.advantage_eps, self.runtime
+            )  # [B, G]; the batch std is the global batch's
             batch.advantages = expand_to_tokens(adv, mask)  # [N, T]
             return
         g, col = scored.rollout.group_size, self.cfg.data.prompt_column

@@ -1,0 +1,176 @@
+"""Training under torchrun: 2 processes (gloo) run the trainer like one process.
+
+- With an engine whose completions depend only on the prompt, a 2-step run on 2 processes
+  (DDP, FSDP2) ends with one process's weights and logs one process's metrics: each rank
+  draws its own whole groups of the same global batch, and every batch statistic is global.
+- A 3-step run under ``torchrun -m grpo train`` killed in step 3 and resumed from its
+  step-2 checkpoint ends with the weights of 3 uninterrupted steps, and ``metrics.jsonl``
+  holds each step once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from ranks import run_ranks
+from test_trainer import distinct_chars
+
+from grpo.config import build_config
+from grpo.metrics import read_jsonl
+from grpo.trainer import GRPOTrainer
+from grpo.types import Rollout
+
+KEYED = {
+    "data": {"num_train_prompts": 40},
+    "rollout": {"prompts_per_step": 4, "num_generations": 4, "max_completion_length": 12},
+    "algorithm": {"scale_rewards": "batch", "beta": 0.04, "loss_type": "token_mean"},
+    "optim": {"learning_rate": 0.001, "max_steps": 2, "gradient_accumulation_steps": 2},
+    "run": {"progress": False},
+}
+"""A run of the prompt-keyed engine: batch std, a reference, two micro-batches per rank."""
+
+REAL = {
+    "data": {"num_train_prompts": 40},
+    "rollout": {"prompts_per_step": 4, "num_generations": 4, "max_completion_length": 8},
+    "optim": {"learning_rate": 0.01, "max_steps": 3},
+    "run": {"progress": False, "save_every": 2},
+    "distributed": {"strategy": "fsdp"},
+}
+"""A run of the torch engine, checkpointed after step 2."""
+
+
+class PromptKeyedEngine:
+    """G completions per prompt drawn from a generator seeded by the prompt's tokens alone,
+    so a prompt gets the same completions whichever process, batch or step draws it."""
+
+    exact_logp = True
+
+    def generate(self, model, prompts, params, generator=None):
+        g, t = params.num_generations, params.max_completion_length
+        width = max(len(p) for p in prompts)
+        pad = params.pad_token_id
+        ids, lengths = [], []
+        for p in prompts:
+            gen = torch.Generator().manual_seed(sum(i * 131**k for k, i in enumerate(p)) % 2**31)
+            lengths.append(torch.randint(1, t + 1, (g,), generator=gen))  # [G]
+            ids.append(torch.randint(7, 60, (g, t), generator=gen))  # [G, T]
+        lengths = torch.cat(lengths)  # [N]
+        completion_mask = (torch.arange(t) < lengths[:, None]).long()  # [N, T]
+        return Rollout(
+            prompt_ids=torch.tensor([[pad] * (width - len(p)) + p for p in prompts]),
+            prompt_mask=torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+            completion_ids=torch.cat(ids) * completion_mask + pad * (1 - completion_mask),
+            completion_mask=completion_mask,
+            sample_logp=torch.zeros(len(lengths), t),
+            truncated=lengths == t,
+            group_size=g,
+        )
+
+    def sync(self, model):
+        pass
+
+    def close(self):
+        pass
+
+
+def config(model_dir, out, base: dict, **sections) -> object:
+    tree = {**base, "model": {"name_or_path": str(model_dir)}}
+    tree["run"] = {**base["run"], "output_dir": str(out)}
+    for name, values in sections.items():
+        tree[name] = {**tree.get(name, {}), **values}
+    return build_config(tree)
+
+
+def keyed_run(model_dir, out, strategy: str) -> None:
+    cfg = config(model_dir, out, KEYED, distributed={"strategy": strategy})
+    GRPOTrainer(cfg, reward_functions=[distinct_chars], engine=PromptKeyedEngine()).train()
+
+
+def two_process_runs(model_dir, root: Path) -> None:
+    for strategy in ("ddp", "fsdp"):
+        keyed_run(model_dir, root / strategy, strategy)
+    GRPOTrainer(
+        config(model_dir, root / "straight", REAL), reward_functions=[distinct_chars]
+    ).train()
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    run_ranks(two_process_runs, 2, root, tiny_model_dir, root)
+    keyed_run(tiny_model_dir, root / "one", "ddp")  # one process: no wrapping at all
+    return root
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory).state_dict()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_like_one(runs, strategy):
+    assert_same_weights(runs / strategy / "final", runs / "one" / "final")
+    one, two = (
+        read_jsonl(runs / "one" / "metrics.jsonl"),
+        read_jsonl(runs / strategy / "metrics.jsonl"),
+    )
+    assert [r["step"] for r in two] == [1, 2]  # one writer: each step once
+    assert [r["world_size"] for r in one + two] == [1, 1, 2, 2]
+    for a, b in zip(one, two, strict=True):
+        for key in ("reward", "reward_std", "loss", "kl", "entropy", "grad_norm",
+                    "completions/mean_length", "completions/max_length"):  # fmt: skip
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    saved = yaml.safe_load((runs / strategy / "config.yaml").read_text())
+    assert saved["distributed"] == {"strategy": strategy, "world_size": 2}
+
+
+KILLER = '''
+import os, signal
+
+CALLS = []
+
+
+def reward(prompts, completions, **kwargs):
+    """distinct_chars, and a SIGKILL to this process in step 3's scoring when asked."""
+    CALLS.append(1)
+    if len(CALLS) == 3 and os.environ.get("KILL_IN_STEP_3"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [len(set(c)) / 8 for c in completions]
+'''
+
+
+def torchrun(config_file: Path, *args: str, kill: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"KILL_IN_STEP_3": "1"} if kill else {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "grpo", "train", str(config_file), *args]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_killed_and_resumed_under_torchrun_equals_uninterrupted(runs, tiny_model_dir, tmp_path):
+    (tmp_path / "killer.py").write_text(KILLER)
+    out = tmp_path / "run"
+    cfg = config(tiny_model_dir, out, REAL, rewards={"functions": [f"{tmp_path}/killer.py:reward"]})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump()))
+
+    killed = torchrun(config_file, kill=True)
+    assert killed.returncode != 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    resumed = torchrun(config_file, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(out / "final", runs / "straight" / "final")
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
