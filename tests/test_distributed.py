@@ -224,3 +224,30 @@ def test_checkpoint_restores_weights_optimizer_and_rank_state(two_processes, str
     assert final.keys() == got["saved"].keys()
     for name, w in got["saved"].items():
         torch.testing.assert_close(final[name], w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("world_size", "overrides", "match"),
+    [
+        (3, [], r"rollout.prompts_per_step = 4: expected a multiple of the 3 processes"),
+        (2, ["optim.num_minibatches=4"], r"times optim.num_minibatches = 4"),
+        (2, ["distributed.world_size=4"], r"distributed.world_size = 4: the run was launched on 2"),
+        (2, ["algorithm.name=ppo"], r"algorithm.name = 'ppo'"),
+    ],
+)
+def test_a_launch_that_cannot_split_the_batch_stops_first(world_size, overrides, match):
+    from grpo.config import ConfigError, build_config
+
+    cfg = build_config(overrides=["rollout.prompts_per_step=4", *overrides])
+    with pytest.raises(ConfigError, match=match):
+        cfg.distributed.check(world_size, cfg)
+
+
+def test_split_to_halves_the_largest_sets_until_the_agreed_count():
+    from grpo.logprobs import split_to
+
+    # sets of 4 and 1 rows, 4 calls agreed: 4 -> 2 + 2, then the first 2 -> 1 + 1
+    got = split_to([torch.tensor([0, 1, 2, 3]), torch.tensor([4])], 4)
+    assert [c.tolist() for c in got] == [[0], [1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="cannot split 2 sets of single rows into 3"):
+        split_to([torch.tensor([0]), torch.tensor([1])], 3)
