@@ -246,6 +246,18 @@ def global_metrics(
     return out
 
 
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to ``max_norm`` (0: no clipping) and return it, before
+    clipping. Under FSDP2 each rank holds gradient shards, whose norms are combined over
+    ranks; one process gets ``torch.nn.utils.clip_grad_norm_``'s numbers."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    full = getattr(norm, "full_tensor", None)
+    norm = full() if full is not None else norm
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm or float("inf"), norm)
+    return float(norm)
+
+
 # ---------------------------------------------------------------------- checkpoints
 def save_sharded(
     directory: str | Path,
