@@ -130,9 +130,12 @@ def test_reference_reset_follows_policy(tiny_model_dir, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_interrupt_and_resume_equal_uninterrupted(tiny_model_dir, tmp_path):
-    """4 straight steps == 2 steps, Ctrl-C, resume, 2 more (cosine schedule, warmup)."""
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_interrupt_and_resume_equal_uninterrupted(tiny_model_dir, tmp_path, algorithm):
+    """4 straight steps == 2 steps, Ctrl-C, resume, 2 more (cosine schedule, warmup); PPO's
+    critic (weights, optimizer, schedule) resumes too."""
     extra = ("optim.max_steps=4", "optim.lr_scheduler=cosine", "optim.warmup_steps=1")
+    extra += (f"algorithm.name={algorithm}",)
     straight = make_trainer(make_cfg(tiny_model_dir, tmp_path / "a", *extra))
     straight.train()
 
@@ -149,8 +152,12 @@ def test_interrupt_and_resume_equal_uninterrupted(tiny_model_dir, tmp_path):
     resumed = make_trainer(make_cfg(tiny_model_dir, tmp_path / "b", *extra))
     assert resumed.resume() == 2
     resumed.train()
-    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    models = [(straight.model, resumed.model)]
+    pairs = zip(straight.algorithm.learners, resumed.algorithm.learners, strict=True)
+    models += [(a.model, b.model) for a, b in pairs]
+    for x, y in models:
+        for a, b in zip(x.parameters(), y.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     steps = [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
     assert steps == [0, 1, 2, 3, 4]  # step 0: the evaluation of the starting model
 

@@ -226,7 +226,8 @@ class GRPOTrainer:
         for _ in range(alg.num_iterations):
             for mini in batch.micro_batches(mini_size):
                 update = self._optimizer_step(mini, micro)
-                update.update(self.algorithm.update(mini, micro))
+                for learner in self.algorithm.learners:
+                    update.update(learner.update(mini, micro))
                 updates.append(update)
         self.engine.sync(self.policy.module)
         clock.lap("update")
@@ -337,8 +338,9 @@ class GRPOTrainer:
         """Peak resident memory, and bytes held by weights and optimizer states (policy,
         reference, critic): what the seed says GRPO saves over PPO."""
         ref = [self.reference.module] if self.reference is not None else []
-        models = [self.policy.module, *ref, *self.algorithm.modules()]
-        optimizers = [self.optimizer, *self.algorithm.optimizers()]
+        learners = self.algorithm.learners
+        models = [self.policy.module, *ref, *(learner.model for learner in learners)]
+        optimizers = [self.optimizer, *(learner.optimizer for learner in learners)]
         return memory_metrics(models, optimizers, self.rss_at_start_mb)
 
     def _optimizer_step(self, mini: Batch, micro: int) -> dict[str, float]:
@@ -386,7 +388,7 @@ class GRPOTrainer:
             "sampler": self.sampler.state_dict(),
             "generator": self.generator.get_state(),
             "rng": ckpt.rng_state(),
-            "algorithm": self.algorithm.state_dict(),
+            "learners": [learner.state_dict() for learner in self.algorithm.learners],
         }
 
     def save(self) -> Path:
@@ -433,9 +435,13 @@ class GRPOTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["generator"])
         ckpt.set_rng_state(state["rng"])
-        self.algorithm.load_state_dict(state["algorithm"])
+        self._load_learners(state["learners"])
         self.step = state["step"]
         return self.step
+
+    def _load_learners(self, states: list[dict[str, Any]]) -> None:
+        for learner, state in zip(self.algorithm.learners, states, strict=True):
+            learner.load_state_dict(state)
 
     def _save_sharded(self, ref_moved: bool) -> Path:
         """Under torchrun: weights and optimizer through torch.distributed.checkpoint, each
@@ -466,6 +472,6 @@ class GRPOTrainer:
         self.sampler.load_state_dict(own["sampler"])
         self.generator.set_state(own["generator"])
         ckpt.set_rng_state(own["rng"])
-        self.algorithm.load_state_dict(state["algorithm"])
+        self._load_learners(state["learners"])
         self.step = state["step"]
         return self.step

@@ -39,6 +39,7 @@ def build_step_source(cfg: Config, runtime: Runtime) -> StepRewardSource:
 @register_algorithm("grpo")
 class GRPO:
     clipped = True
+    learners = ()
 
     def __init__(self, cfg: Config, runtime: Runtime, tokenizer: Any):
         self.cfg, self.tokenizer, self.runtime = cfg, tokenizer, runtime
@@ -73,18 +74,3 @@ class GRPO:
             alg.advantage_eps,
         )  # [N, T]
         batch.advantages = adv * mask  # [N, T]
-
-    def update(self, mini: Batch, micro_size: int) -> dict[str, float]:
-        return {}
-
-    def modules(self) -> list:
-        return []
-
-    def optimizers(self) -> list:
-        return []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass

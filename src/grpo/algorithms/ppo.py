@@ -150,6 +150,7 @@ class Critic:
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), cfg, lr)
         self.max_grad_norm = cfg.optim.max_grad_norm or float("inf")
         self.share_prompt = cfg.optim.share_prompt
+        self.value_clip = cfg.algorithm.value_clip
         self.runtime = runtime
 
     def _values(self, mb: Batch) -> Tensor:
@@ -162,8 +163,10 @@ class Critic:
         self.model.eval()
         return torch.cat([self._values(mb) for mb in batch.micro_batches(micro_size)])  # [N, T]
 
-    def update(self, mini: Batch, micro_size: int, clip: float | None) -> dict[str, float]:
-        """One optimizer step on the value loss of ``mini``, accumulated over micro-batches."""
+    def update(self, mini: Batch, micro_size: int) -> dict[str, float]:
+        """One optimizer step on the value loss of ``mini``, accumulated over micro-batches
+        (clipped around the old values by ``algorithm.value_clip``)."""
+        clip = self.value_clip
         self.model.train()
         norm = Normaliser.from_mask(mini.completion_mask, mini.completion_length)
         self.optimizer.zero_grad(set_to_none=True)
@@ -180,6 +183,18 @@ class Critic:
         self.scheduler.step()
         return {"value_loss": loss, "value_clip_frac": clipped}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
 
 @register_algorithm("ppo")
 class PPO:
@@ -192,6 +207,7 @@ class PPO:
     def __init__(self, cfg: Config, runtime: Runtime, tokenizer: Any):
         self.cfg = cfg
         self.critic = Critic(cfg, runtime)
+        self.learners = (self.critic,)
 
     def needs_old_logp(self, sample_logp_exact: bool) -> bool:
         kl_in_reward = self.cfg.algorithm.beta > 0
@@ -208,26 +224,3 @@ class PPO:
         adv, returns = gae(token_rewards, values, mask, alg.gamma, alg.lam)  # [N, T] each
         batch.advantages = whiten(adv, mask)  # [N, T]
         batch.extras = {"old_values": values, "returns": returns}
-
-    def update(self, mini: Batch, micro_size: int) -> dict[str, float]:
-        return self.critic.update(mini, micro_size, self.cfg.algorithm.value_clip)
-
-    def modules(self) -> list:
-        return [self.critic.model]
-
-    def optimizers(self) -> list:
-        return [self.critic.optimizer]
-
-    def state_dict(self) -> dict[str, Any]:
-        c = self.critic
-        return {
-            "critic": c.model.state_dict(),
-            "critic_optimizer": c.optimizer.state_dict(),
-            "critic_scheduler": c.scheduler.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        c = self.critic
-        c.model.load_state_dict(state["critic"])
-        c.optimizer.load_state_dict(state["critic_optimizer"])
-        c.scheduler.load_state_dict(state["critic_scheduler"])

@@ -10,15 +10,13 @@ An algorithm declares:
 - ``needs_old_logp(sample_logp_exact)``: whether the trainer must run the policy once more
   right after sampling, given whether the engine's ``sample_logp`` is the policy's;
 - ``prepare(batch, scored, micro_size)``: set ``batch.advantages [N, T]`` (and extras);
-- ``update(mini, micro_size)``: train what the algorithm owns besides the policy (PPO's
-  critic), once per policy optimizer step; ``{}`` for the others;
-- ``modules()``, ``optimizers()``, ``state_dict()``, ``load_state_dict()``: what it owns,
-  for memory metrics and checkpoints.
+- ``learners``: the models it trains beside the policy (PPO's critic), each stepped once
+  per policy optimizer step and saved with the run; none for GRPO and RLOO.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -28,24 +26,30 @@ from grpo.runtime import Runtime
 from grpo.types import Batch, Scored
 
 
-class Algorithm(Protocol):
-    clipped: bool
-    kl_in_loss: bool
-    kl_estimator: str
+class Learner(Protocol):
+    """A model an algorithm trains beside the policy, with its own optimizer."""
 
-    def needs_old_logp(self, sample_logp_exact: bool) -> bool: ...
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
 
-    def prepare(self, batch: Batch, scored: Scored, micro_size: int) -> None: ...
-
-    def update(self, mini: Batch, micro_size: int) -> dict[str, float]: ...
-
-    def modules(self) -> list[torch.nn.Module]: ...
-
-    def optimizers(self) -> list[torch.optim.Optimizer]: ...
+    def update(self, mini: Batch, micro_size: int) -> dict[str, float]:
+        """One optimizer step on ``mini`` (the policy's mini-batch); its metrics."""
+        ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Algorithm(Protocol):
+    clipped: bool
+    kl_in_loss: bool
+    kl_estimator: str
+    learners: Sequence[Learner]
+
+    def needs_old_logp(self, sample_logp_exact: bool) -> bool: ...
+
+    def prepare(self, batch: Batch, scored: Scored, micro_size: int) -> None: ...
 
 
 AlgorithmFactory = Callable[[Config, Runtime, Any], Algorithm]

@@ -23,6 +23,7 @@ class RLOO:
     clipped = False
     kl_in_loss = False
     kl_estimator = "k1"
+    learners = ()
 
     def __init__(self, cfg: Config, runtime: Runtime, tokenizer: Any):
         self.cfg = cfg
@@ -40,18 +41,3 @@ class RLOO:
             )  # [N]
         adv = rloo_advantages(scores.view(-1, scored.rollout.group_size))  # [B, G]
         batch.advantages = expand_to_tokens(adv, mask)  # [N, T]
-
-    def update(self, mini: Batch, micro_size: int) -> dict[str, float]:
-        return {}
-
-    def modules(self) -> list:
-        return []
-
-    def optimizers(self) -> list:
-        return []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
