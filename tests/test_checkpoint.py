@@ -188,3 +188,47 @@ def test_reward_deadline_holds_when_the_function_uses_alarm_itself():
     assert score([lambda **kw: [1.0]], None, ["p"], ["c"], {}, timeout_s=5).rewards.tolist() == [
         1.0
     ]
+
+
+def test_final_of_an_earlier_run_is_replaced_whole(tiny_model_dir, tmp_path):
+    from grpo.hf import load_model_and_tokenizer
+
+    old = tmp_path / "final"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"an earlier run's weights")
+    (old / "only_in_the_old_one.txt").write_text("old")
+    trainer = make_trainer(make_cfg(tiny_model_dir, tmp_path, "optim.max_steps=1"))
+    trainer.train()
+    names = sorted(p.name for p in old.iterdir())
+    assert "only_in_the_old_one.txt" not in names and "tokenizer.json" in names
+    model, _ = load_model_and_tokenizer(old)
+    for a, b in zip(model.parameters(), trainer.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_stop_signal_during_the_final_write_waits_for_it(tmp_path, capsys):
+    import signal
+
+    def write(directory):
+        (directory / "a.txt").write_text("a")
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, before the write ends
+        (directory / "b.txt").write_text("b")
+
+    path = ckpt.save_final(tmp_path / "final", write)
+    assert sorted(p.name for p in path.iterdir()) == ["a.txt", "b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    assert "SIGTERM while writing" in capsys.readouterr().err
+
+
+def test_a_failed_final_write_leaves_the_old_final_and_no_temporary(tmp_path):
+    ckpt.save_final(tmp_path / "final", lambda d: (d / "a.txt").write_text("first"))
+
+    def fails(directory):
+        (directory / "a.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_final(tmp_path / "final", fails)
+    assert (tmp_path / "final" / "a.txt").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]

@@ -134,6 +134,45 @@ def _digest(path: Path) -> str:
     return sha.hexdigest()
 
 
+def _fsync_dirs(directory: Path) -> None:
+    for sub in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
+        _fsync(sub)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Every file under ``directory``, then every directory, on disk."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    _fsync_dirs(directory)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete directory ``tmp`` to ``final``, replacing an existing ``final``
+    whole (it is moved aside first: a directory cannot be renamed over a full one), and
+    fsync the parent."""
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(root: Path, pattern: str) -> None:
+    """Remove the temporaries in ``root`` matching ``pattern`` (``...-PID``) whose writer
+    died, or is this process."""
+    if not root.is_dir():
+        return
+    for path in root.glob(pattern):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -186,15 +225,7 @@ class Checkpointer:
             runtime.barrier()  # rank 0 has published
             return final
         self._write_manifest(tmp, step, names)
-        old = None
-        if final.exists():  # the same step saved again (e.g. right after a resume)
-            old = self.root / f".old-step-{step}-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync(self.root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, final)  # the same step may be saved again (e.g. right after a resume)
         self.prune()
         if many:
             runtime.barrier()
@@ -212,17 +243,11 @@ class Checkpointer:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        for sub in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
-            _fsync(sub)
+        _fsync_dirs(directory)
 
     def clean_stale(self) -> None:
         """Remove temporaries left by writers that died (or by this process)."""
-        if not self.root.is_dir():
-            return
-        for path in self.root.glob(".*-step-*"):
-            pid = path.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
-                shutil.rmtree(path, ignore_errors=True)
+        _remove_stale(self.root, ".*-step-*")
 
     def checkpoints(self) -> list[Path]:
         """``step-N`` directories, oldest first. One of this writer's is complete (it gets
@@ -284,6 +309,47 @@ def save_checkpoint_sharded(
         text = yaml.safe_dump(config.model_dump(), sort_keys=False)
         parts.append(text_part("config", CONFIG_FILE, text))
     return Checkpointer(output_dir, keep).save(step, parts, runtime)
+
+
+def save_final(directory: str | Path, write: Callable[[Path], None], runtime=None) -> Path:
+    """Write the trained model to ``directory`` (``OUTPUT_DIR/final``) whole or not at all.
+
+    ``write(tmp)`` fills a temporary directory ``.tmp-final-PID`` beside it; every file
+    and directory is fsynced and it is renamed into place, replacing a ``final/`` of an
+    earlier run whole. A stop signal arriving meanwhile waits until it is in place (a
+    second one aborts and the temporary is removed, the old ``final/`` untouched). Under
+    torchrun every process calls it (``write`` gathers the weights; rank 0 writes them)
+    and rank 0 renames.
+    """
+    from grpo.faults import stop_signals  # faults imports this module
+
+    final = Path(directory)
+    main = runtime is None or runtime.is_main
+    many = runtime is not None and runtime.distributed
+    pid = runtime.gather_objects(os.getpid())[0] if many else os.getpid()
+    tmp = final.parent / f".tmp-{final.name}-{pid}"
+    with stop_signals() as stop:
+        if main:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(final.parent, f".*-{final.name}-*")
+            tmp.mkdir()
+        if many:
+            runtime.barrier()  # the directory exists
+        try:
+            write(tmp)
+            if many:
+                runtime.barrier()  # every process has written
+            if main:
+                _fsync_tree(tmp)
+                _publish(tmp, final)
+        finally:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)  # gone unless the write failed
+        if many:
+            runtime.barrier()  # published
+    if stop and main:
+        _say(f"{stop.name} while writing {final}: it was completed first")
+    return final
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

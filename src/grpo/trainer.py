@@ -191,9 +191,13 @@ class GRPOTrainer:
                 return history
         self.save()
         self.engine.close()
-        self.policy.save(self.output_dir / "final")
-        if main:
-            self.tokenizer.save_pretrained(self.output_dir / "final")
+
+        def write_final(directory: Path) -> None:  # every process: the weights are gathered
+            self.policy.save(directory)
+            if main:
+                self.tokenizer.save_pretrained(directory)
+
+        ckpt.save_final(self.output_dir / "final", write_final, self.runtime)
         return history
 
     def train_step(self) -> dict[str, float]:
