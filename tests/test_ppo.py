@@ -211,3 +211,29 @@ def test_value_model_gradients(value_model):
     (value_model(ids, mask, t) * completion_mask).sum().backward()
     for name, p in value_model.backbone.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_a_non_finite_critic_step_is_not_applied_and_is_counted(tiny_model_dir, tmp_path):
+    from test_trainer import make_cfg, make_trainer
+
+    from grpo.types import Batch
+
+    t = make_trainer(make_cfg(tiny_model_dir, tmp_path, "algorithm.name=ppo", "algorithm.beta=0"))
+    scored, _ = t.sample_round(2)
+    batch = Batch.from_rollout(scored.rollout)
+    t.algorithm.prepare(batch, scored, micro_size=8)
+    critic = t.algorithm.critic
+    before = {k: v.clone() for k, v in critic.model.state_dict().items()}
+    finite = batch.extras["returns"].clone()  # [N, T]
+    batch.extras["returns"][0, 0] = NAN
+    out = critic.update(batch, 8)
+    assert math.isnan(out["value_loss"]) and out["value_nonfinite_skipped"] == 1.0
+    for k, v in critic.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert critic.optimizer.state == {} and critic.scheduler.last_epoch == 0
+    assert (critic.nonfinite.skipped, critic.nonfinite.in_a_row) == (1, 1)
+    batch.extras["returns"] = finite
+    out = critic.update(batch, 8)  # a finite one is applied and ends the run of skips
+    assert out["value_nonfinite_skipped"] == 0.0 and critic.scheduler.last_epoch == 1
+    assert not torch.equal(critic.model.head.weight, before["head.weight"])
+    assert (critic.nonfinite.skipped, critic.nonfinite.in_a_row) == (1, 0)

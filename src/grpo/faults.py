@@ -82,8 +82,9 @@ class NonFiniteGuard:
     """Decides whether an optimizer step is applied: only when its loss and gradient norm
     are finite. Counts the skipped ones, and how many in a row."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, what: str = "optimizer step"):
         self.limit = limit
+        self.what = what
         self.in_a_row = 0
         self.skipped = 0
         self.last = ""
@@ -96,7 +97,7 @@ class NonFiniteGuard:
         self.in_a_row += 1
         self.skipped += 1
         self.last = f"loss={loss}, grad_norm={norm}"
-        _say(f"non-finite optimizer step ({self.last}) skipped; {self.in_a_row} in a row")
+        _say(f"non-finite {self.what} ({self.last}) skipped; {self.in_a_row} in a row")
         return False
 
     @property

@@ -41,6 +41,7 @@ from grpo.advantages import gae, kl_penalised_token_rewards, whiten
 from grpo.algorithms.registry import register_algorithm, several_updates
 from grpo.algorithms.rloo import sampling_logp
 from grpo.config import Config
+from grpo.faults import NonFiniteGuard
 from grpo.hf import position_ids
 from grpo.logprobs import shared_prefix_outputs
 from grpo.losses import Normaliser, value_loss
@@ -152,6 +153,7 @@ class Critic:
         self.share_prompt = cfg.optim.share_prompt
         self.value_clip = cfg.algorithm.value_clip
         self.runtime = runtime
+        self.nonfinite = NonFiniteGuard(cfg.optim.max_nonfinite_steps, "critic optimizer step")
 
     def _values(self, mb: Batch) -> Tensor:
         groups = mb.group_ids if self.share_prompt else None
@@ -165,7 +167,8 @@ class Critic:
 
     def update(self, mini: Batch, micro_size: int) -> dict[str, float]:
         """One optimizer step on the value loss of ``mini``, accumulated over micro-batches
-        (clipped around the old values by ``algorithm.value_clip``)."""
+        (clipped around the old values by ``algorithm.value_clip``); not applied (and
+        counted) when the loss or gradient norm is not finite."""
         clip = self.value_clip
         self.model.train()
         norm = Normaliser.from_mask(mini.completion_mask, mini.completion_length)
@@ -178,10 +181,13 @@ class Critic:
             out.loss.backward()
             loss += out.loss.item()
             clipped += out.clip_frac.item() * mask.sum().item() / max(norm.num_tokens, 1)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        return {"value_loss": loss, "value_clip_frac": clipped}
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        applied = self.nonfinite.ok(loss, grad_norm)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
+        skipped = {"value_nonfinite_skipped": float(not applied)}
+        return {"value_loss": loss, "value_clip_frac": clipped, **skipped}
 
     def state_dict(self) -> dict[str, Any]:
         return {
