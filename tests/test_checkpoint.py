@@ -12,6 +12,7 @@ import threading
 
 import pytest
 import torch
+from conftest import DEVICES
 from test_trainer import make_cfg, make_trainer
 
 from grpo import checkpoint as ckpt
@@ -232,3 +233,32 @@ def test_a_failed_final_write_leaves_the_old_final_and_no_temporary(tmp_path):
         ckpt.save_final(tmp_path / "final", fails)
     assert (tmp_path / "final" / "a.txt").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["final"]
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    import random
+
+    state = ckpt.rng_state("cpu")
+    assert set(state) == {"python", "torch"}  # no CUDA entry on the CPU
+    torch.save(state, tmp_path / "rng.pt")
+    first = (random.random(), torch.rand(3))
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (random.random(), torch.rand(3))
+    assert first[0] == again[0] and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpoint_holds_the_cuda_rng_state_exactly_when_on_cuda(tiny_model_dir, tmp_path, device):
+    extra = (f"model.device={device}", "optim.max_steps=1", "run.save_every=1")
+    make_trainer(make_cfg(tiny_model_dir, tmp_path, *extra)).train()
+    state = ckpt.load_state(tmp_path / "checkpoints" / "step-1")
+    if device == "cpu":
+        assert set(state["rng"]) == {"python", "torch"}
+        return
+    saved = state["rng"]["cuda"]
+    assert set(saved) == set(range(torch.cuda.device_count()))
+    torch.rand(5, device="cuda")  # moves the generator on
+    resumed = make_trainer(make_cfg(tiny_model_dir, tmp_path, *extra))
+    resumed.resume()
+    for index, cuda_state in saved.items():
+        assert torch.equal(torch.cuda.get_rng_state(index), cuda_state)

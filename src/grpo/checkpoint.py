@@ -74,16 +74,31 @@ def _say(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------- state
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
     """Python's and torch's global RNG states (tuples of ints and a uint8 tensor: both
-    load with ``weights_only=True``)."""
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+    load with ``weights_only=True``); on a CUDA ``device`` also each GPU's, as
+    ``{"cuda": {index: uint8 tensor}}``: every visible GPU's in one process
+    (``get_rng_state_all``), the process's own GPU's under torchrun (reading another one's
+    would open a CUDA context there). On the CPU there is no ``"cuda"`` entry."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device is not None and torch.device(device).type == "cuda":
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            index = torch.cuda.current_device()
+            state["cuda"] = {index: torch.cuda.get_rng_state(index)}
+        else:
+            state["cuda"] = dict(enumerate(torch.cuda.get_rng_state_all()))
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved (the GPUs' states only where CUDA is present)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        for index, cuda_state in state["cuda"].items():
+            if index < torch.cuda.device_count():
+                torch.cuda.set_rng_state(cuda_state, index)
 
 
 # ---------------------------------------------------------------------------- writing

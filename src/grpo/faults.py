@@ -145,7 +145,10 @@ class RunControl:
     def begin_step(self) -> None:
         t = self.trainer
         self._start = _StepStart(
-            t.sampler.state_dict(), t.generator.get_state(), ckpt.rng_state(), _updates(t)
+            t.sampler.state_dict(),
+            t.generator.get_state(),
+            ckpt.rng_state(getattr(getattr(t, "runtime", None), "device", None)),
+            _updates(t),
         )
 
     def stopping(self) -> bool:

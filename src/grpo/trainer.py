@@ -391,7 +391,7 @@ class GRPOTrainer:
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "generator": self.generator.get_state(),
-            "rng": ckpt.rng_state(),
+            "rng": ckpt.rng_state(self.runtime.device),
             "learners": [learner.state_dict() for learner in self.algorithm.learners],
         }
 
