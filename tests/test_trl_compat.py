@@ -203,3 +203,25 @@ def test_bias_corrected_kl_through_the_trainer(tiny_model_dir, tmp_path):
 def test_bias_correction_needs_the_kl_in_the_loss():
     with pytest.raises(ConfigError, match=r"use_bias_correction_kl=true needs .*'rloo'"):
         build_config(overrides=["algorithm.name=rloo", "algorithm.use_bias_correction_kl=true"])
+
+
+def length_and_parity(completions, log_extra, **kwargs):
+    """A reward that logs two per-completion columns through TRL's ``log_extra``."""
+    log_extra("chars", [len(c) for c in completions])
+    log_extra("parity", ["even" if len(c) % 2 == 0 else "odd" for c in completions])
+    return [len(set(c)) / 8 for c in completions]
+
+
+def test_log_extra_columns_are_written_beside_each_sample(tiny_model_dir, tmp_path):
+    from test_trainer import make_cfg
+
+    cfg = make_cfg(tiny_model_dir, tmp_path, "optim.max_steps=2", "logging.num_samples=8")
+    GRPOTrainer(cfg, reward_functions=[length_and_parity]).train()
+    samples = read_jsonl(tmp_path / "samples.jsonl")
+    assert [s["step"] for s in samples] == [1] * 8 + [2] * 8
+    for s in samples:  # each column recomputed from the logged completion
+        text = s["completion"]
+        parity = "even" if len(text) % 2 == 0 else "odd"
+        assert s["extra"] == {"chars": len(text), "parity": parity}
+        assert s["rewards"] == {"length_and_parity": len(set(text)) / 8}
+    assert len({s["extra"]["chars"] for s in samples}) > 1  # not one value for all

@@ -84,6 +84,18 @@ def _clean(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def _plain(v: Any) -> Any:
+    """A value a reward function logged, as JSON can write it (else its ``str``)."""
+    if v is None or isinstance(v, str | bool | int):
+        return v
+    try:
+        v = _clean(v)  # numbers, one-element tensors and arrays
+        json.dumps(v, allow_nan=False)
+    except (TypeError, ValueError, RuntimeError):
+        return str(v)
+    return v
+
+
 class Sink(Protocol):
     """Receives each logged step: its metrics and the sampled completions kept for it."""
 
@@ -276,6 +288,7 @@ def step_samples(scored, batch, prompt_column: str, k: int) -> list[dict]:
 
     ``advantage`` is the completion's advantage: the same on every token for outcome
     rewards, the mean over its tokens where it varies (process supervision, PPO).
+    ``extra`` holds the columns the reward functions gave TRL's ``log_extra``.
     """
     n = min(k, len(scored.texts))
     if n == 0:
@@ -292,6 +305,8 @@ def step_samples(scored, batch, prompt_column: str, k: int) -> list[dict]:
             row["rewards"] = {
                 name: _clean(per_function[i, j]) for j, name in enumerate(scored.reward_names)
             }
+        if scored.extra_columns:
+            row["extra"] = {c: _plain(v[i]) for c, v in scored.extra_columns.items()}
         out.append({**row, "reward": rewards[i], "advantage": adv[i].item(), "group": i // g})
     return out
 

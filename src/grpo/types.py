@@ -181,6 +181,8 @@ class Scored:
     rewards: torch.Tensor  # [B, G] combined reward, after shaping
     per_function: torch.Tensor | None = None  # [N, F] each reward function's value, NaN: None
     reward_names: list[str] = field(default_factory=list)  # [F]
+    extra_columns: dict[str, list] = field(default_factory=dict)
+    """Per-completion values ([N] each) the reward functions gave TRL's ``log_extra``."""
 
     def select(self, keep: torch.Tensor) -> Scored:
         """The groups where ``keep [B]`` is True."""
@@ -195,6 +197,10 @@ class Scored:
             if self.per_function is None
             else self.per_function[keep.cpu().repeat_interleave(self.rollout.group_size)],
             reward_names=self.reward_names,
+            extra_columns={
+                c: [x for x, k in zip(v, rows, strict=True) if k]
+                for c, v in self.extra_columns.items()
+            },
         )
 
     @staticmethod
@@ -209,6 +215,11 @@ class Scored:
             if any(p.per_function is None for p in parts)
             else torch.cat([p.per_function for p in parts]),
             reward_names=parts[0].reward_names,
+            extra_columns={  # the columns every part has
+                c: [x for p in parts for x in p.extra_columns[c]]
+                for c in parts[0].extra_columns
+                if all(c in p.extra_columns for p in parts)
+            },
         )
 
     @property

@@ -44,6 +44,8 @@ class RolloutScorer:
         rewards = (out.rewards + shaping).view(-1, g)  # [B, G], moved to the device once
         device = rollout.completion_ids.device
         scored = Scored(rows, rollout, ids, texts, rewards.to(device), out.per_function, out.names)
+        # log_extra columns with one value per completion (as TRL logs them)
+        scored.extra_columns = {k: v for k, v in out.extra_columns.items() if len(v) == len(ids)}
         return scored, reward_metrics(rewards, out)
 
 
