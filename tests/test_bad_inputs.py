@@ -324,6 +324,14 @@ def completion_longer_than_positions(tmp, model):
     return args, r"rollout\.max_completion_length=256 leaves no room .*max_position_embeddings=256"
 
 
+@case("data")
+def check_prompt_longer_than_positions(tmp, model):
+    """``grpo check`` runs train's pre-flight checks: one line before the model loads."""
+    arg = jsonl(tmp, {"prompt": "1+1="}, {"prompt": "9" * 300})
+    args = ["check", f"model.name_or_path={model}", *SMALL, arg]
+    return args, r"line 2: a prompt of 300 tokens \+ rollout\.max_completion_length=6 = 306"
+
+
 # ---------------------------------------------------------------------------- model
 @case("model")
 def model_path_missing(tmp, model):
@@ -435,6 +443,21 @@ def reward_module_not_importable(tmp, model):
 def reward_model_path_missing(tmp, model):
     args = train(tmp, model, f"rewards.functions=[model:{tmp / 'rm'}]")
     return args, r"rewards\.functions='.*rm': no such directory"
+
+
+@case("reward")
+def compare_with_reward_model_path_missing(tmp, model):
+    """``grpo compare`` checks every arm's inputs before the first arm starts."""
+    args = ["compare", f"model.name_or_path={model}", *SMALL]
+    args += [f"rewards.functions=[model:{tmp / 'rm'}]", "--algorithms", "grpo,ppo"]
+    return [*args, "--output-dir", str(tmp / "cmp")], r"rewards\.functions='.*rm': no such dir"
+
+
+@case("reward")
+def demo_reward_module_not_importable(tmp, model):
+    """``grpo demo`` checks its GRPO stage's rewards and data before building a model."""
+    args = ["demo", "--fast", "--output-dir", str(tmp / "demo"), "rewards.functions=[nope_xyz:f]"]
+    return args, r"'nope_xyz:f': cannot import 'nope_xyz'"
 
 
 @case("reward", "refused_in_step")

@@ -36,7 +36,9 @@ def check(cfg: Config, show: int = 3, out: Callable[[str], None] = print) -> boo
         Whether the batch carries a learning signal.
     """
     from grpo.trainer import GRPOTrainer
+    from grpo.validate import check_inputs
 
+    check_inputs(cfg)  # a bad input is one line, before any model loads
     trainer = GRPOTrainer(cfg)
     tok, alg, r = trainer.tokenizer, cfg.algorithm, cfg.rollout
     scored, metrics = trainer.sample_round(r.prompts_per_step)

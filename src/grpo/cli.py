@@ -219,11 +219,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from grpo.compare import compare
+    from grpo.config import load_config
 
     config, overrides = _config_and_overrides(args)
     arms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     out = Path(args.output_dir)
-    results = compare(config, overrides, arms, out)
+    _default_model(load_config(config, overrides))  # as each arm's grpo train would
+    results = compare(config, overrides, arms, out)  # every arm's inputs checked first
     for arm, r in results.items():
         console.print(
             f"{arm:>13}: accuracy {r['accuracy_before']} -> {r['accuracy_after']}, "

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from grpo.errors import UsageError
 from grpo.metrics import read_jsonl
 
 ARMS: dict[str, dict[str, str]] = {
@@ -31,18 +32,32 @@ PHASES = {
 """The comparison's three phases of a step, from the trainer's ``time/*`` metrics."""
 
 
+def arm_overrides(overrides: list[str], arm: str, output_dir: Path) -> list[str]:
+    """``grpo train``'s overrides for one arm, written into ``output_dir/ARM``."""
+    if arm not in ARMS:
+        raise UsageError(f"--algorithms: unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
+    selects = [f"algorithm.{k}={v}" for k, v in ARMS[arm].items()]
+    return [*overrides, *selects, f"run.output_dir={output_dir / arm}", "run.progress=false"]
+
+
+def preflight_arms(config: str | None, overrides: list[str], arms: list[str], output_dir: Path):
+    """``grpo train``'s pre-flight checks of every arm, before the first one starts."""
+    from grpo.config import load_config
+    from grpo.validate import check_output_dir, preflight
+
+    check_output_dir(output_dir, "--output-dir")
+    for arm in arms:
+        preflight(load_config(config, arm_overrides(overrides, arm, output_dir)))
+
+
 def run_arm(config: str | None, overrides: list[str], arm: str, output_dir: Path) -> Path:
     """Train one arm in a child process; returns its run directory."""
-    if arm not in ARMS:
-        raise ValueError(f"unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
-    run_dir = output_dir / arm
     cmd = [sys.executable, "-m", "grpo.cli", "train", *([config] if config else [])]
-    selects = [f"algorithm.{k}={v}" for k, v in ARMS[arm].items()]
-    cmd += [*overrides, *selects, f"run.output_dir={run_dir}", "run.progress=false"]
+    cmd += arm_overrides(overrides, arm, output_dir)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"arm {arm!r} failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
-    return run_dir
+    return output_dir / arm
 
 
 def summarise(run_dir: Path) -> dict:
@@ -149,7 +164,8 @@ def write_report(results: dict[str, dict], output_dir: Path) -> Path:
 
 
 def compare(config: str | None, overrides: list[str], arms: list[str], output_dir: Path) -> dict:
-    """Run every arm, then write and return the comparison."""
+    """Check every arm's inputs, run every arm, then write and return the comparison."""
+    preflight_arms(config, overrides, arms, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for arm in arms:

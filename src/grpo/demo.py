@@ -82,6 +82,7 @@ def run_demo(
     from grpo.sft import supervised_finetune
     from grpo.tasks import get_task
     from grpo.trainer import GRPOTrainer
+    from grpo.validate import check_output_dir, check_rewards, training_prompts
 
     plan = plan or (FAST if fast else DemoPlan())
     console = Console(stderr=True)
@@ -96,6 +97,10 @@ def run_demo(
             *overrides,
         ],
     )
+    # grpo train's pre-flight checks that apply before the model exists
+    check_output_dir(output_dir, "--output-dir")
+    check_rewards(cfg)
+    training_prompts(cfg)
     device = resolve_device(cfg.model.device)
     torch.set_num_threads(threads or 1)  # a ~1M model runs fastest on one thread
     output_dir.mkdir(parents=True, exist_ok=True)

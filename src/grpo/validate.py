@@ -319,6 +319,12 @@ def preflight(
     check_fresh_output(cfg.run.output_dir, resume)
     if resume:
         check_resumable(cfg.run.output_dir, checkpoint, cfg, allow_config_change)
+    check_inputs(cfg)
+
+
+def check_inputs(cfg) -> None:
+    """What ``preflight`` checks besides the output location (``grpo check`` writes
+    nothing): the models, reward functions, training prompts and their lengths."""
     model_dir = check_model_path(cfg.model.name_or_path)
     if cfg.model.ref_name_or_path:
         check_model_path(cfg.model.ref_name_or_path, "model.ref_name_or_path")
