@@ -249,3 +249,26 @@ def test_one_step_through_the_trainer_by_hand(tiny_model_dir, tmp_path, algorith
     if algorithm == "ppo":
         # returns = GAE advantage + value = 1 on one token of ten, values 0: 0.5 * 1 / 10
         torch.testing.assert_close(metrics["value_loss"], 0.05)
+
+
+def test_log_extra_columns_follow_the_groups_dynamic_sampling_keeps():
+    def two_groups(texts, column):
+        rollout = Rollout(
+            prompt_ids=torch.ones(2, 1, dtype=torch.long),
+            prompt_mask=torch.ones(2, 1, dtype=torch.long),
+            completion_ids=torch.ones(4, 1, dtype=torch.long),
+            completion_mask=torch.ones(4, 1, dtype=torch.long),
+            sample_logp=torch.zeros(4, 1),
+            truncated=torch.zeros(4, dtype=torch.bool),
+            group_size=2,
+        )
+        rewards = torch.zeros(2, 2)
+        return Scored([{}, {}], rollout, [[1]] * 4, texts, rewards, extra_columns=column)
+
+    a = two_groups(["a0", "a1", "a2", "a3"], {"n": [0, 1, 2, 3], "only_a": [9] * 4})
+    b = two_groups(["b0", "b1", "b2", "b3"], {"n": [4, 5, 6, 7]})
+    kept = a.select(torch.tensor([False, True]))
+    assert kept.extra_columns == {"n": [2, 3], "only_a": [9, 9]}
+    both = Scored.concat([kept, b.select(torch.tensor([True, False]))], pad_token_id=0)
+    assert both.texts == ["a2", "a3", "b0", "b1"]
+    assert both.extra_columns == {"n": [2, 3, 4, 5]}  # a column one part lacks is dropped
