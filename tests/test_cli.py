@@ -88,3 +88,17 @@ def test_demo_fast_writes_summary(tmp_path):
         assert set(summary[side]) >= {"accuracy", "pass_at_k", "maj_at_k"}
     assert summary["seconds"] > 0
     assert (out / "grpo" / "curves.png").is_file()
+
+
+def test_sft_stops_at_the_first_check_that_reaches_the_target(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "sft"
+    args = ["sft", "--model", str(tiny_model_dir), "--output", str(out), "--task", "add2-direct"]
+    args += ["--steps", "50", "--batch-size", "4", "--examples", "40", "--held-in", "8"]
+    # accuracy is always >= 0, so the first check (step 3) ends it; a target of 1.01 never does
+    assert main([*args, "--check-every", "3", "--target-accuracy", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "SFT step 3: held-in greedy accuracy" in err and "SFT: 3 steps" in err
+    assert main([*args, "--steps", "4", "--check-every", "2", "--target-accuracy", "1.01"]) == 0
+    err = capsys.readouterr().err
+    assert "SFT step 4:" in err and "SFT: 4 steps" in err
+    assert (out / "config.json").is_file()

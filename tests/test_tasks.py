@@ -9,6 +9,7 @@ from grpo.tasks import (
     TASKS,
     ArithmeticTask,
     correctness_reward,
+    direct_correctness_reward,
     extract_answer,
     format_reward,
     get_task,
@@ -114,7 +115,7 @@ def test_demonstrations_by_hand():
     assert task.demonstration(zero) == "5-5-0=0\n5-5-0=0\nA:0"
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("name", sorted(n for n in TASKS if not n.endswith("-direct")))
 def test_every_demonstration_scores_full_marks(name):
     task = TASKS[name]
     problems = task.problems("train", 150, seed=0) + task.problems("test", 50, seed=0)
@@ -283,3 +284,89 @@ def test_verifiers_are_registered_under_config_names():
 
     assert REWARDS["arithmetic_correct"] is correctness_reward
     assert load_reward_function("arithmetic_format") is format_reward
+
+
+# ---------------------------------------------------------------- direct-answer tasks
+
+
+def test_direct_task_shares_the_scratchpad_tasks_problems_and_split():
+    direct, scratchpad = get_task("add2-direct"), get_task("add2")
+    assert direct.problems("test", 50, seed=3) == scratchpad.problems("test", 50, seed=3)
+    train = {p["prompt"] for p in direct.problems("train", 5000, seed=0)}
+    test = {p["prompt"] for p in direct.problems("test", 500, seed=1)}
+    assert len(test) == 500 and not train & test
+
+
+@pytest.mark.parametrize("name", sorted(n for n in TASKS if n.endswith("-direct")))
+def test_every_direct_demonstration_scores_full_marks(name):
+    task = TASKS[name]
+    problems = task.problems("train", 150, seed=0) + task.problems("test", 50, seed=0)
+    demos = [task.demonstration(p) for p in problems]
+    reward = task.reward_functions["correctness"]
+    answers = [p["answer"] for p in problems]
+    assert reward([p["prompt"] for p in problems], demos, answer=answers) == [1.0] * 200
+    assert max(len(d) for d in demos) <= task.max_completion_chars
+    assert [task.extract_answer(d) for d in demos] == answers
+
+
+def test_direct_demonstration_is_the_answer_alone():
+    task = get_task("add2-direct")
+    assert task.demonstration(ADD) == "132"
+    assert task.max_completion_chars == 3  # 99+99=198
+    assert task.max_completion_tokens == 4  # and EOS
+    assert get_task("add3-direct").max_completion_chars == 4
+
+
+@pytest.mark.parametrize(
+    ("completion", "correct"),
+    [
+        ("132", 1.0),
+        (" 132\n", 1.0),  # surrounding whitespace is not part of the answer
+        ("0132", 1.0),  # the same integer
+        ("131", 0.0),
+        ("13", 0.0),
+        ("A:132", 0.0),  # the scratchpad's answer line is not a direct answer
+        (ADD_DEMO, 0.0),
+        ("132 132", 0.0),
+        ("132\n7", 0.0),
+        ("", 0.0),
+        ("\u0661\u0663\u0662", 0.0),  # Arabic-Indic digits: not [0-9]
+        ("1" * 100, 0.0),
+    ],
+)
+def test_direct_reward_on_hand_written_cases(completion, correct):
+    reward = get_task("add2-direct").reward_functions["correctness"]
+    assert reward(["47+85="], [completion], answer=["132"]) == [correct]
+
+
+def test_direct_verifiers_and_scratchpad_verifiers_never_agree():
+    direct, scratchpad = get_task("add2-direct"), get_task("add2")
+    problems = direct.problems("train", 100, seed=0)
+    prompts, answers = [p["prompt"] for p in problems], [p["answer"] for p in problems]
+    direct_demos = [direct.demonstration(p) for p in problems]
+    scratch_demos = [scratchpad.demonstration(p) for p in problems]
+    assert direct_correctness_reward(prompts, direct_demos, answer=answers) == [1.0] * 100
+    assert correctness_reward(prompts, direct_demos, answer=answers) == [0.0] * 100
+    assert direct_correctness_reward(prompts, scratch_demos, answer=answers) == [0.0] * 100
+
+
+def test_direct_step_rewards_and_extract_answer():
+    task = get_task("add2-direct")
+    assert task.step_rewards("47+85=", "132", ADD) == ([1.0], [2])
+    assert task.step_rewards("47+85=", " 131 ", ADD) == ([0.0], [3])
+    assert task.step_rewards("47+85=", "", ADD) == ([0.0], [0])
+    assert task.extract_answer("007") == "7"
+    assert task.extract_answer("A:7") is None
+
+
+def test_direct_reward_is_registered_under_its_config_name():
+    from grpo.rewards import load_reward_function
+
+    assert load_reward_function("arithmetic_direct_correct") is direct_correctness_reward
+
+
+def test_direct_doctests_hold():
+    import grpo.tasks.direct
+
+    result = doctest.testmod(grpo.tasks.direct)
+    assert result.attempted >= 5 and result.failed == 0

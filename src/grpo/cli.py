@@ -55,7 +55,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def cmd_sft(args: argparse.Namespace) -> None:
     from grpo.hf import load_model_and_tokenizer
-    from grpo.sft import supervised_finetune
+    from grpo.sft import warm_start
     from grpo.tasks import get_task
 
     _threads(args.threads)
@@ -64,20 +64,23 @@ def cmd_sft(args: argparse.Namespace) -> None:
     _output_dir(args.output, "--output")
     task = get_task(args.task)
     model, tokenizer = load_model_and_tokenizer(args.model)
-    rows = task.problems("train", args.examples, args.seed)
-    examples = [(r["prompt"], task.demonstration(r)) for r in rows]
-    losses = supervised_finetune(
+    losses = warm_start(
         model,
         tokenizer,
-        examples,
-        steps=args.steps,
+        task,
+        max_steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
+        target_accuracy=args.target_accuracy,
+        check_every=args.check_every,
+        num_examples=args.examples,
+        held_in=args.held_in,
         seed=args.seed,
+        log=console.print,
     )
     model.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
-    console.print(f"SFT: {args.steps} steps, final loss {losses[-1]:.4f}; saved to {args.output}")
+    console.print(f"SFT: {len(losses)} steps, final loss {losses[-1]:.4f}; saved to {args.output}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -267,6 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=positive_int, default=32)
     s.add_argument("--lr", type=positive_float, default=3e-3)
     s.add_argument("--examples", type=positive_int, default=5000)
+    s.add_argument(
+        "--target-accuracy",
+        type=float,
+        help="stop once greedy accuracy on held-in train problems reaches this (e.g. 0.5)",
+    )
+    s.add_argument(
+        "--check-every", type=positive_int, default=10, help="steps between accuracy checks"
+    )
+    s.add_argument(
+        "--held-in",
+        type=positive_int,
+        default=200,
+        help="train problems kept out of SFT for the checks",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=non_negative_int, default=0)
     s.set_defaults(func=cmd_sft)

@@ -74,12 +74,12 @@ def run_demo(
     ``overrides`` (``key=value``) apply to the GRPO config after the plan's own; the model
     is placed on ``model.device`` from the start, so the SFT stage runs there too."""
     from grpo.config import build_config
-    from grpo.evaluation import evaluate_task, greedy_accuracy, periodic_task_eval, print_table
+    from grpo.evaluation import evaluate_task, periodic_task_eval, print_table
     from grpo.hf import load_model_and_tokenizer
     from grpo.modeling import init_model_dir
     from grpo.report import plot_run
     from grpo.runtime import resolve_device
-    from grpo.sft import supervised_finetune
+    from grpo.sft import warm_start
     from grpo.tasks import get_task
     from grpo.trainer import GRPOTrainer
     from grpo.validate import check_output_dir, check_rewards, training_prompts
@@ -116,28 +116,17 @@ def run_demo(
     )
 
     console.rule("2/5 supervised warm start")
-    task = get_task(plan.task)
     t = time.perf_counter()
-    rows = task.problems("train", 5000, seed=0)
-    examples = [(r["prompt"], task.demonstration(r)) for r in rows[200:]]
-    held_in = rows[:200]  # train-split problems kept out of SFT, to decide when to stop
-    correct = task.reward_functions["correctness"]
-
-    def reached_target(step: int) -> bool:
-        if step % plan.sft_check_every:
-            return False
-        acc = greedy_accuracy(model, tokenizer, held_in, correct, task.max_completion_tokens)
-        console.print(f"SFT step {step}: held-in greedy accuracy {acc:.1%}")
-        return acc >= plan.sft_target_accuracy
-
-    losses = supervised_finetune(
+    losses = warm_start(
         model,
         tokenizer,
-        examples,
+        get_task(plan.task),
         plan.sft_max_steps,
         plan.sft_batch_size,
         plan.sft_learning_rate,
-        stop=reached_target,
+        target_accuracy=plan.sft_target_accuracy,
+        check_every=plan.sft_check_every,
+        log=console.print,
     )
     console.print(f"SFT stopped after {len(losses)} steps")
     model.save_pretrained(sft_dir)

@@ -6,7 +6,8 @@ warm-up), ``reward_functions`` (TRL-style outcome verifiers by name) and
 ``step_rewards(prompt, completion, problem)`` (process supervision) and
 ``extract_answer(completion)`` (for majority voting). Importing this package registers the
 arithmetic verifiers in ``grpo.rewards.REWARDS`` as ``arithmetic_correct`` and
-``arithmetic_format``, the names a config's ``rewards.functions`` uses.
+``arithmetic_format`` (scratchpad tasks) and ``arithmetic_direct_correct`` (the
+``-direct`` tasks, answer only), the names a config's ``rewards.functions`` uses.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from grpo.tasks.arithmetic import (
     split_steps,
     step_rewards,
 )
+from grpo.tasks.direct import DirectArithmeticTask, direct_correctness_reward
 
 register_reward("arithmetic_correct")(correctness_reward)
 register_reward("arithmetic_format")(format_reward)
+register_reward("arithmetic_direct_correct")(direct_correctness_reward)
 
-TASKS: dict[str, ArithmeticTask] = {
+Task = ArithmeticTask | DirectArithmeticTask
+
+TASKS: dict[str, Task] = {
     "add2": ArithmeticTask(digits=2, ops="+"),
     "add3": ArithmeticTask(digits=3, ops="+"),
     "add4": ArithmeticTask(digits=4, ops="+"),
@@ -34,10 +39,12 @@ TASKS: dict[str, ArithmeticTask] = {
     "addsub2": ArithmeticTask(digits=2, ops="+-"),
     "addsub3": ArithmeticTask(digits=3, ops="+-"),
 }
-"""Name -> task. ``add2``: two 2-digit numbers added; ``addsub3``: 3-digit, + or -."""
+TASKS |= {f"{name}-direct": DirectArithmeticTask(task) for name, task in list(TASKS.items())}
+"""Name -> task. ``add2``: two 2-digit numbers added; ``addsub3``: 3-digit, + or -;
+``add2-direct``: add2's problems and split, answered with the number alone (``132``)."""
 
 
-def get_task(name: str) -> ArithmeticTask:
+def get_task(name: str) -> Task:
     """The registered task called ``name``; a ValueError lists the allowed names."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; allowed: {', '.join(sorted(TASKS))}")
@@ -47,7 +54,10 @@ def get_task(name: str) -> ArithmeticTask:
 __all__ = [
     "TASKS",
     "ArithmeticTask",
+    "DirectArithmeticTask",
+    "Task",
     "correctness_reward",
+    "direct_correctness_reward",
     "extract_answer",
     "format_reward",
     "get_task",
