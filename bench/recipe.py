@@ -100,7 +100,7 @@ def evaluate(model_dir: Path, task: str, n: int, samples: int) -> dict:
     import torch
 
     from grpo.evaluation import evaluate_task
-    from grpo.modeling import load_model_and_tokenizer
+    from grpo.hf import load_model_and_tokenizer
 
     torch.set_num_threads(1)
     model, tokenizer = load_model_and_tokenizer(model_dir)

@@ -69,7 +69,6 @@ def test_small_model_recipe_loads_and_points_at_either_task_form():
     assert cfg.completions_per_step == 32 * 8
     assert cfg.optim.learning_rate == 1e-4 and cfg.optim.warmup_steps == 20
     assert cfg.algorithm.num_iterations == 2 and cfg.algorithm.clip_high == 0.28
-    assert cfg.needs_old_logp  # the second pass clips against the sampling policy
     direct = load_config(
         str(path), ["data.task=add2-direct", "rewards.functions=[arithmetic_direct_correct]"]
     )
