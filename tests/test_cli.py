@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from grpo.cli import main
 from grpo.metrics import read_jsonl
 
@@ -102,3 +104,13 @@ def test_sft_stops_at_the_first_check_that_reaches_the_target(tmp_path, tiny_mod
     err = capsys.readouterr().err
     assert "SFT step 4:" in err and "SFT: 4 steps" in err
     assert (out / "config.json").is_file()
+
+
+def test_warm_start_refuses_to_hold_in_every_example():
+    from grpo.sft import warm_start
+    from grpo.tasks import get_task
+
+    with pytest.raises(ValueError, match="held_in=10"):
+        warm_start(
+            None, None, get_task("add2"), 5, target_accuracy=0.5, num_examples=10, held_in=10
+        )

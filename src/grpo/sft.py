@@ -120,9 +120,14 @@ def warm_start(
     only part of the time, as RL needs. A step count alone would land anywhere: accuracy
     climbs from 10% to 90% within ~50 steps on ``add2``. Returns the per-step losses.
     """
-    rows = task.problems("train", num_examples, seed)
     if target_accuracy is None:
         held_in = 0
+    if held_in >= num_examples:
+        raise ValueError(
+            f"held_in={held_in} leaves no SFT examples of num_examples={num_examples}; "
+            "expected held_in < num_examples"
+        )
+    rows = task.problems("train", num_examples, seed)
     checked, trained = rows[:held_in], rows[held_in:]
     examples = [(r["prompt"], task.demonstration(r)) for r in trained]
     correct = task.reward_functions["correctness"]
