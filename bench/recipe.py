@@ -15,9 +15,10 @@ Stages, each a ``grpo`` command in a child process (one torch thread, as on a sh
    final model on the same test problems: greedy accuracy and sampled accuracy (the mean
    over ``--samples`` completions at temperature 1).
 
-Results go to ``OUT/recipe.json`` and ``OUT/recipe.md`` (one row per run, every seed). A
-finished stage is not rerun (its output directory holds the result), so an interrupted
-sweep resumes; delete a directory to redo it.
+Results go to ``OUT/recipe.json`` and ``OUT/recipe.md`` (one row per run, every seed, of
+this and earlier sweeps into the same directory). A finished stage is not rerun (its
+output directory holds the result), so an interrupted sweep resumes; delete a directory
+to redo it.
 """
 
 from __future__ import annotations
@@ -143,6 +144,15 @@ def train(out: Path, recipe: str, task: str, seed: int, steps: int, model: Path)
     return final
 
 
+def _key(row: dict) -> tuple:
+    return row["recipe"], row["task"], row["seed"], row["steps"]
+
+
+def _earlier_rows(path: Path) -> list[dict]:
+    """Rows an earlier sweep into the same directory wrote, so the table covers them too."""
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
 def _minutes(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds / 60:.1f}"
 
@@ -204,7 +214,7 @@ def main() -> None:
         if name not in RECIPES:
             raise SystemExit(f"--recipes: unknown recipe {name!r}; allowed: {sorted(RECIPES)}")
 
-    rows = []
+    rows = _earlier_rows(out / "recipe.json")
     for task in tasks:
         model = warm_start(out, task)
         before = evaluate(model, task, args.eval_prompts, args.samples)
@@ -222,7 +232,7 @@ def main() -> None:
                 row |= {"before": before, "after": after}
                 row["seconds"] = float(seconds_file.read_text())
                 row["cpu_seconds"] = float(cpu_file.read_text()) if cpu_file.is_file() else None
-                rows.append(row)
+                rows = [r for r in rows if _key(r) != _key(row)] + [row]
                 print(
                     f"{recipe} {task} seed {seed}: greedy {before['accuracy']:.1%} -> "
                     f"{after['accuracy']:.1%}, sampled {before['sampled_accuracy']:.1%} -> "
