@@ -186,7 +186,7 @@ def integer_field_given_text(tmp, model):
 def unknown_task(tmp, model):
     return train(
         tmp, model, "data.task=nope"
-    ), r"data\.task='nope': unknown task; allowed: add1to3, add2"
+    ), r"data\.task='nope': unknown task; allowed: add1to3, add1to3-direct, add2"
 
 
 @case("config")
