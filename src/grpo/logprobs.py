@@ -1,9 +1,13 @@
-"""From a causal LM's logits to per-token log-probs and entropies of completion tokens.
+"""From a causal LM to per-token log-probs and entropies of completion tokens.
 
 The log-prob of the sampled token, ``logp``, is the ``pi_theta(o_t | q, o_<t)`` of every
-equation of the seed (eq. II.I-VI.I). It is computed as ``logit[target] - logsumexp``
-in chunks of rows, never as a full ``[N, T, V]`` log-softmax copy: with vocabularies of
-100k+ tokens that copy, not the model, sets the peak memory.
+equation of the seed (eq. II.I-VI.I). With vocabularies of 100k+ tokens the logits, not
+the model, set the peak memory (32 completions of 256 tokens at V = 151,936 hold 5 GB of
+fp32 logits per pass), so the training, old-policy and reference passes never make them:
+the transformer returns its final hidden states, and ``head_logp`` runs the LM head over
+chunks of positions, keeping only ``logit[target] - logsumexp`` (and the entropy), and
+recomputes each chunk in the backward pass. ``token_logp``/``token_entropy`` do the same
+arithmetic on logits someone already has.
 
 Shape letters (see ``grpo.types``): N completion rows, P prompt tokens (left-padded),
 T completion tokens (right-padded), V vocabulary.
@@ -12,15 +16,25 @@ T completion tokens (right-padded), V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from grpo.hf import cache_argument, keep_last, main_output, output_cache, pad_to, position_ids
+from grpo.hf import (
+    cache_argument,
+    keep_last,
+    main_output,
+    output_cache,
+    pad_to,
+    position_ids,
+    unwrap,
+)
 from grpo.types import Batch
 
 CHUNK_ELEMENTS = 1 << 24
-"""Logit entries (rows x T x V) handled at once; bounds the temporaries of each chunk."""
+"""Logit entries (positions x V) handled at once: 64 MiB of fp32 logits per chunk, about
+110 positions at V = 151,936; bounds the temporaries of each chunk."""
 
 
 def _inverse_temperature(temperature: float) -> float:
@@ -74,6 +88,150 @@ def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.cat(out)  # [N, T]
 
 
+@dataclass(frozen=True)
+class LMHead:
+    """A causal LM's output layer, ``scale * cap * tanh((h W^T + b) / cap)``.
+
+    ``cap`` is Gemma's final logit soft-capping (None: no tanh); ``scale`` a constant
+    multiplier (Cohere's ``logit_scale``, one over Granite's ``logits_scaling``).
+    """
+
+    weight: Tensor  # [V, H]
+    bias: Tensor | None = None  # [V]
+    cap: float | None = None
+    scale: float = 1.0
+
+
+def split_causal_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, LMHead]:
+    """The transformer body of a causal LM (it returns final hidden states, norm applied)
+    and its output head, so that log-probs need no ``[N, T, V]`` logits.
+
+    Raises ValueError for a head that cannot run in chunks (anything but a plain
+    ``torch.nn.Linear``, e.g. one adapted by LoRA) and for a model without a body.
+    """
+    lm = unwrap(model)  # PEFT adapters stay injected in its layers
+    head = lm.get_output_embeddings()
+    name = type(lm).__name__
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(
+            f"model {name}: output head is {type(head).__name__}, expected torch.nn.Linear "
+            "(log-probs run the head in chunks; leave lm_head out of model.lora.target_modules)"
+        )
+    backbone = lm.base_model
+    if backbone is lm:
+        raise ValueError(f"model {name}: no transformer body under the LM head (base_model)")
+    config = lm.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    scale /= float(getattr(config, "logits_scaling", None) or 1.0)
+    return backbone, LMHead(head.weight, head.bias, float(cap) if cap else None, scale)
+
+
+def head_logp(
+    hidden: Tensor,
+    head: LMHead,
+    targets: Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_positions: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``token_logp`` (and ``token_entropy``) of the logits ``head(hidden)``, over chunks of
+    positions, never holding more than one chunk's logits.
+
+    The backward pass recomputes each chunk's logits and applies
+    ``d logp_t / d z = onehot(target_t) - softmax(z)``, so peak memory is one chunk's
+    ``[c, V]``, not ``[N, T, V]``, for one more head matmul per chunk.
+
+    Args:
+        hidden: ``[N, T, H]`` final hidden states; position t scores ``targets[:, t]``.
+        head: the output layer (``split_causal_lm``).
+        targets: ``[N, T]`` long token ids.
+        temperature: divides the logits, as at sampling time (0 is treated as 1).
+        with_entropy: also return each position's entropy (no gradient).
+        chunk_positions: positions per chunk; default ``CHUNK_ELEMENTS // V``.
+
+    Returns:
+        ``(logp [N, T] float32, entropy [N, T] float32 or None)``.
+    """
+    n, t, h = hidden.shape
+    chunk = chunk_positions or max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    logp, entropy = _ChunkedHeadLogp.apply(
+        hidden.reshape(n * t, h),
+        head.weight,
+        head.bias,
+        targets.reshape(n * t),
+        (head.cap, head.scale * _inverse_temperature(temperature)),
+        chunk,
+        with_entropy,
+    )
+    return logp.view(n, t), entropy.view(n, t) if with_entropy else None
+
+
+def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, cap, scale) -> Tensor:
+    """``[c, H] -> [c, V]`` float32 logits, soft-capped and scaled as the model does."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()  # [c, V]
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap  # [c, V]
+    return logits * scale if scale != 1.0 else logits  # [c, V]
+
+
+class _ChunkedHeadLogp(torch.autograd.Function):
+    """``logp [M]`` (and ``entropy [M]``) of ``targets [M]`` under ``head(hidden [M, H])``,
+    chunk by chunk; the backward pass recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, transform, chunk, with_entropy):
+        cap, scale = transform
+        m = hidden.shape[0]
+        logp = torch.empty(m, dtype=torch.float32, device=hidden.device)  # [M]
+        lse = torch.empty_like(logp)  # [M] logsumexp of each position's logits
+        entropy = torch.empty(m if with_entropy else 0, device=hidden.device)  # [M]
+        for s in range(0, m, chunk):
+            rows = slice(s, s + chunk)
+            logits = _head_logits(hidden[rows], weight, bias, cap, scale)  # [c, V]
+            lse[rows] = logits.logsumexp(dim=-1)
+            logp[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+            if with_entropy:
+                log_probs = logits.sub_(lse[rows, None])  # [c, V], in place
+                entropy[rows] = -(log_probs.exp() * log_probs).sum(dim=-1)
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.transform, ctx.chunk = transform, chunk
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        (cap, scale), chunk = ctx.transform, ctx.chunk
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None  # [M, H]
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None  # [V, H]
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None  # [V]
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            for s in range(0, hidden.shape[0], chunk):
+                rows = slice(s, s + chunk)
+                h, g = hidden[rows], grad_logp[rows, None]  # [c, H], [c, 1]
+                logits = _head_logits(h, weight, bias, cap, scale)  # [c, V]
+                # d logp / d logits = onehot(target) - softmax(logits)
+                grad = (logits - lse[rows, None]).exp_().mul_(-g)  # [c, V]
+                grad.scatter_add_(-1, targets[rows, None], g)
+                if cap is not None:  # through scale * cap * tanh(a / cap)
+                    grad.mul_(1 - (logits / (scale * cap)).square())
+                grad = (grad * scale).to(weight.dtype)  # [c, V] d logp / d (h W^T + b)
+                if need_h:
+                    grad_h[rows] = (grad @ weight).to(hidden.dtype)  # [c, H]
+                if need_w:
+                    grad_w += grad.T @ h.to(weight.dtype)  # [V, H]
+                if need_b:
+                    grad_b += grad.sum(dim=0)  # [V]
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
 def completion_logp(
     model: torch.nn.Module,
     input_ids: Tensor,
@@ -86,10 +244,11 @@ def completion_logp(
 
     Prompts are left-padded, so position ids restart at each row's first real token;
     completions are right-padded, so their padding comes after every real token and
-    cannot change it. Only the last T + 1 positions' logits are materialised.
+    cannot change it. The transformer returns hidden states; the LM head runs over
+    chunks of positions (``head_logp``), so no ``[N, T, V]`` logits tensor exists.
 
     Args:
-        model: a transformers causal LM (accepts ``position_ids`` and ``logits_to_keep``).
+        model: a transformers causal LM (or a PEFT model wrapping one).
         input_ids: ``[N, P + T]`` prompt followed by completion.
         attention_mask: ``[N, P + T]`` 1 on real tokens.
         completion_length: T.
@@ -100,18 +259,40 @@ def completion_logp(
         ``(logp [N, T], entropy [N, T] or None)``; padded completion positions hold values
         that the completion mask must remove.
     """
-    logits = model(
+    targets = input_ids[:, -completion_length:]  # [N, T]
+    if runs_whole(model):
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),  # [N, P + T]
+            use_cache=False,
+            **keep_last(model, completion_length + 1),
+        ).logits[:, -completion_length - 1 : -1]  # [N, T, V]
+        return _logits_logp(logits, targets, temperature, with_entropy)
+    backbone, head = split_causal_lm(model)
+    hidden = backbone(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),  # [N, P + T]
         use_cache=False,
-        **keep_last(model, completion_length + 1),
-    ).logits[:, -completion_length - 1 :]  # [N, T + 1, V]
-    logits = logits[:, :-1]  # [N, T, V]: the logit at position t scores completion token t
-    return _score_completion(logits, input_ids[:, -completion_length:], temperature, with_entropy)
+    ).last_hidden_state  # [N, P + T, H]
+    # the hidden state at position t scores completion token t
+    hidden = hidden[:, -completion_length - 1 : -1]  # [N, T, H]
+    return head_logp(hidden, head, targets, temperature, with_entropy)
 
 
-def _score_completion(
+def runs_whole(model: torch.nn.Module) -> bool:
+    """Whether ``model`` must be called through its top-level forward: DDP all-reduces
+    gradients and FSDP2 gathers weights in hooks of that forward, so there the log-probs
+    come from the model's own logits (``logits_to_keep`` positions), not the chunked head
+    run on the transformer body."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel) or isinstance(unwrap(model), FSDPModule)
+
+
+def _logits_logp(
     logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool
 ) -> tuple[Tensor, Tensor | None]:
     logp = token_logp(logits, targets, temperature)  # [N, T]
@@ -138,9 +319,17 @@ def shared_prefix_logp(
             ``completion_logp``; rows of one group must be contiguous.
         group_ids: ``[n]`` which prompt each row answers (equal ids share a prompt).
     """
-    logits = shared_prefix_outputs(model, input_ids, attention_mask, completion_length, group_ids)
-    t = completion_length
-    return _score_completion(logits, input_ids[:, -t:], temperature, with_entropy)
+    targets = input_ids[:, -completion_length:]  # [n, T]
+    if runs_whole(model):
+        logits = shared_prefix_outputs(
+            model, input_ids, attention_mask, completion_length, group_ids
+        )
+        return _logits_logp(logits, targets, temperature, with_entropy)  # from [n, T, V]
+    backbone, head = split_causal_lm(model)
+    hidden = shared_prefix_outputs(
+        backbone, input_ids, attention_mask, completion_length, group_ids
+    )  # [n, T, H]
+    return head_logp(hidden, head, targets, temperature, with_entropy)
 
 
 def shared_prefix_outputs(
@@ -184,6 +373,11 @@ def shared_prefix_outputs(
         **keep_last(model, 1),
     )
     cache = output_cache(out)
+    if cache is None:
+        raise ValueError(
+            f"{type(model).__name__} returned no KV cache for the shared prompt (gradient "
+            "checkpointing drops it in training mode): set optim.share_prompt=false"
+        )
     cache.reorder_cache(row_group)  # [b, ...] -> [n, ...], differentiable
     positions = position_ids(attention_mask)  # [n, P + T]
     rest = model(
