@@ -14,8 +14,14 @@ from transformers import (
 )
 
 from grpo import logprobs
-from grpo.logprobs import LMHead, completion_logp, head_logp, token_entropy, token_logp
-from grpo.objective import batch_logp
+from grpo.logprobs import (
+    LMHead,
+    batch_logp,
+    completion_logp,
+    head_logp,
+    token_entropy,
+    token_logp,
+)
 from grpo.rollout.torch_engine import TorchEngine
 from grpo.types import Batch, SamplingParams
 
@@ -128,15 +134,13 @@ def test_completion_logp_equals_the_full_logits_path(build, chunk, monkeypatch):
 
 @pytest.mark.parametrize("share_prompt", [True, False])
 def test_shared_prompts_and_length_buckets_equal_the_full_logits_path(share_prompt, monkeypatch):
-    from grpo import objective
-
     monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 3 * V)
-    monkeypatch.setattr(objective, "CALL_POSITIONS", 0)  # calls are free: several buckets
+    monkeypatch.setattr(logprobs, "CALL_POSITIONS", 0)  # calls are free: several buckets
     calls = []
     monkeypatch.setattr(
-        objective, "shared_prefix_logp", _counted(calls, logprobs.shared_prefix_logp)
+        logprobs, "shared_prefix_logp", _counted(calls, logprobs.shared_prefix_logp)
     )
-    monkeypatch.setattr(objective, "completion_logp", _counted(calls, logprobs.completion_logp))
+    monkeypatch.setattr(logprobs, "completion_logp", _counted(calls, logprobs.completion_logp))
     model = _llama(False).train()
     gen = torch.Generator().manual_seed(2)
     b, g, p, t = 2, 3, 4, 7

@@ -57,6 +57,15 @@ class ModelConfig(_Section):
     bfloat16, about twice as fast on CPUs with avx512_bf16 or AMX and on recent GPUs, at
     bfloat16's precision (about 3 significant digits). Reward models and held-out
     evaluation are not affected."""
+    disable_dropout: bool = True
+    """Set every dropout probability of the policy and the reference to 0 (TRL's
+    ``disable_dropout``): with dropout the training pass is another function than the
+    sampler's and the reference's, so the KL is not 0 at step one and the ratio not 1."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (transformers'
+    ``gradient_checkpointing_enable``, non-reentrant): same gradients, much less activation
+    memory, about a third more compute. The training pass then runs prompts once per
+    completion (checkpointed layers drop the KV cache ``optim.share_prompt`` relies on)."""
 
 
 class DataConfig(_Section):

@@ -26,6 +26,7 @@ from grpo.config import Config
 from grpo.diagnostics import same_weights
 from grpo.hf import load_model_and_tokenizer, unwrap
 from grpo.logprobs import batch_logp, batched_logp
+from grpo.model_options import disable_dropout
 from grpo.runtime import Runtime
 from grpo.types import Batch
 
@@ -42,10 +43,19 @@ class LogpSettings:
     """Run each group's prompt once (``optim.share_prompt``)."""
     bucket: bool = True
     """Run completions of similar length together (``optim.bucket_by_length``)."""
+    share_prompt_with_grad: bool = True
+    """Share prompts in the training pass too: not under gradient checkpointing, whose
+    checkpointed layers drop the KV cache a shared prompt hands to its completions."""
 
     @classmethod
     def from_config(cls, cfg: Config) -> LogpSettings:
-        return cls(cfg.rollout.temperature, cfg.optim.share_prompt, cfg.optim.bucket_by_length)
+        share = cfg.optim.share_prompt
+        return cls(
+            cfg.rollout.temperature,
+            share,
+            cfg.optim.bucket_by_length,
+            share and not cfg.model.gradient_checkpointing,
+        )
 
 
 def load_weights(module: torch.nn.Module, directory: str | Path) -> None:
@@ -100,7 +110,7 @@ class Policy:
                 batch,
                 s.temperature,
                 with_entropy,
-                s.share_prompt,
+                s.share_prompt_with_grad,
                 s.bucket,
                 self.agree,
             )
@@ -175,6 +185,8 @@ class Reference:
             module, _ = load_model_and_tokenizer(
                 cfg.model.ref_name_or_path, DTYPES[cfg.model.dtype]
             )
+            if cfg.model.disable_dropout:
+                disable_dropout(module)
         else:
             module = copy.deepcopy(policy.base)
         equal = same_weights(module, policy.base)

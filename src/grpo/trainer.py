@@ -36,6 +36,7 @@ from grpo.evaluation import periodic_task_eval
 from grpo.faults import NonFiniteGuard, RunControl
 from grpo.hf import load_model_and_tokenizer
 from grpo.metrics import current_rss_mb, memory_metrics, open_sinks, step_samples
+from grpo.model_options import apply_model_options
 from grpo.optim import build_optimizer
 from grpo.policy import DTYPES, LogpSettings, Policy, Reference
 from grpo.rewards import load_reward_function, trainer_state
@@ -66,6 +67,7 @@ def setup_policy(cfg: Config, runtime: Runtime, model=None, tokenizer=None):
     """The policy (loaded from ``model.name_or_path`` unless given) and its tokenizer."""
     if model is None or tokenizer is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path, DTYPES[cfg.model.dtype])
+    model = apply_model_options(model, cfg.model)  # dropout off, checkpointing
     return Policy(model, runtime, LogpSettings.from_config(cfg)), tokenizer
 
 
