@@ -145,3 +145,15 @@ def test_tiny_model_generates_greedily_and_stops_at_eos(tokenizer):
     )
     out = model.generate(**batch, max_new_tokens=5, do_sample=False)  # [2, P + <=5]
     assert out.shape[0] == 2 and out.shape[1] <= batch["input_ids"].shape[1] + 5
+
+
+def test_filler_tokens_pad_the_vocabulary_and_never_encode():
+    from grpo.modeling import build_char_tokenizer
+
+    plain, padded = build_char_tokenizer(), build_char_tokenizer(vocab_size=120)
+    assert (len(plain), len(padded)) == (101, 120)  # 7 special + 94 characters, then 19 fillers
+    text = "<v110> 47+85"
+    assert padded(text)["input_ids"] == plain(text)["input_ids"]  # one id per character
+    assert padded.decode([110, 8]) == "<v110>1"  # id 8: "1"
+    with pytest.raises(ValueError, match="vocab_size=50"):
+        build_char_tokenizer(vocab_size=50)

@@ -65,12 +65,18 @@ CHAT_TEMPLATE = (
 ARCHITECTURES = ("llama", "qwen2")
 
 
-def build_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
+def build_char_tokenizer(
+    alphabet: str | None = None, vocab_size: int | None = None
+) -> PreTrainedTokenizerFast:
     """A character-level tokenizer: ids 0-6 are special tokens, then one id per character.
 
     Args:
         alphabet: characters to give an id, in order; duplicates are ignored. Defaults to
             ``DEFAULT_ALPHABET``.
+        vocab_size: pad the vocabulary with filler tokens ``<v7>``, ``<v8>``, ... up to this
+            size (encoding never produces them; a model may sample them, and they decode
+            as written). Gives a real-sized output head, e.g. Qwen2's 151,936, for
+            benchmarks. Default: no filler.
 
     Returns:
         A ``PreTrainedTokenizerFast`` with pad/bos/eos/unk set, ``padding_side="left"``
@@ -81,6 +87,10 @@ def build_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for char in alphabet:
         vocab.setdefault(char, len(vocab))
+    if vocab_size is not None and vocab_size < len(vocab):
+        raise ValueError(f"vocab_size={vocab_size} is below the {len(vocab)} tokens needed")
+    for i in range(len(vocab), vocab_size or 0):
+        vocab[f"<v{i}>"] = i
     # BPE with no merges is exactly "one token per known character, <unk> otherwise";
     # with no pre-tokenizer, spaces and newlines are ordinary characters.
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
@@ -162,6 +172,7 @@ def init_model_dir(
     path: str | Path,
     arch: Literal["llama", "qwen2"] = "llama",
     alphabet: str | None = None,
+    vocab_size: int | None = None,
     **sizes: int,
 ) -> Path:
     """Build the tokenizer and a tiny model and ``save_pretrained`` both into ``path``.
@@ -169,7 +180,7 @@ def init_model_dir(
     Args:
         path: directory to write (created if missing).
         arch: see ``build_tiny_model``.
-        alphabet: see ``build_char_tokenizer``.
+        alphabet, vocab_size: see ``build_char_tokenizer``.
         **sizes: keyword arguments of ``build_tiny_model`` (``hidden_size``, ``seed``, ...).
 
     Returns:
@@ -177,7 +188,7 @@ def init_model_dir(
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_char_tokenizer(alphabet)
+    tokenizer = build_char_tokenizer(alphabet, vocab_size)
     model = build_tiny_model(tokenizer, arch=arch, **sizes)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
