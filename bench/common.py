@@ -25,7 +25,7 @@ import json
 import random
 import string
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -60,6 +60,13 @@ class Workload:
     """Default measured steps (``--steps``)."""
     warmup: int = 2
     """Default warm-up steps excluded from the median (``--warmup``)."""
+    arch: str = "llama"
+    """``llama`` or ``qwen2`` (``grpo.modeling.build_tiny_model``)."""
+    vocab_size: int | None = None
+    """Vocabulary padded with filler tokens to this size; None: the 101-token characters."""
+    lora_rank: int = 0
+    """LoRA adapters of this rank on every attention and MLP projection, on both sides
+    (ours ``model.lora``, TRL's ``peft_config``); 0 trains every weight."""
 
 
 # 25M-parameter Llama shape: 8 layers x (4 * 512^2 attention + 3 * 512 * 1376 SwiGLU).
@@ -102,7 +109,31 @@ WORKLOADS: dict[str, Workload] = {
         steps=4,
         warmup=1,
     ),
+    # Qwen2's vocabulary (151,936) on a small body: the output head is 39M of 44M
+    # parameters and every pass over N x T positions meets a [N, T, V] logits tensor.
+    "big-vocab": Workload(
+        name="big-vocab",
+        arch="qwen2",
+        vocab_size=151_936,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        intermediate_size=1376,
+        max_position_embeddings=512,
+        prompts_per_step=4,
+        num_generations=8,
+        prompt_tokens=16,
+        max_completion_length=256,
+        steps=2,
+        warmup=1,
+    ),
 }
+WORKLOADS["big-vocab-lora"] = replace(
+    WORKLOADS["big-vocab"], name="big-vocab-lora", lora_rank=16, learning_rate=1e-5
+)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Where LoRA adapters go in ``lora_rank`` workloads (alpha = 2 * rank, no dropout)."""
 
 
 def prepare_workdir(workload: Workload, workdir: Path, seed: int) -> dict:
@@ -113,6 +144,8 @@ def prepare_workdir(workload: Workload, workdir: Path, seed: int) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = init_model_dir(
         workdir / "model",
+        arch=workload.arch,
+        vocab_size=workload.vocab_size,
         hidden_size=workload.hidden_size,
         num_layers=workload.num_layers,
         num_heads=workload.num_heads,

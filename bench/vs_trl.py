@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     COMPLETION_TOKENS,
+    LORA_TARGETS,
     RESULT_MARKER,
     WORKLOADS,
     Workload,
@@ -90,6 +91,7 @@ def run_ours(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
                 "name_or_path": setup["model_dir"],
                 "dtype": "float32",
                 "autocast": "bfloat16" if args.precision == "bf16" else "none",
+                **({"lora": _lora_settings(w)} if w.lora_rank else {}),
             },
             "data": {"train_file": setup["prompt_file"]},
             "rollout": {
@@ -117,6 +119,7 @@ def run_ours(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
     trainer = GRPOTrainer(cfg, reward_functions=[bench_reward])
     matmul_dtypes = _watch_matmul_dtype(trainer.model)
     step_s, phases = [], {"generation": [], "scoring_and_reference": [], "update": []}
+    m: dict = {}
     for i in range(total):
         t = time.perf_counter()
         m = trainer.train_step()
@@ -138,6 +141,18 @@ def run_ours(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
         "matmul_peak_gflops": peak,
         "threads": torch.get_num_threads(),
         "matmul_dtypes": sorted(matmul_dtypes),
+        "model_and_optimizer_mb": m["memory/model_and_optimizer_bytes"] / 2**20,
+        "trained_parameters": m["trained_parameters"],
+        "reference_copy": trainer.ref_model is not None and trainer.ref_model is not trainer.model,
+    }
+
+
+def _lora_settings(w: Workload) -> dict:
+    return {
+        "rank": w.lora_rank,
+        "alpha": 2 * w.lora_rank,
+        "dropout": 0.0,
+        "target_modules": list(LORA_TARGETS),
     }
 
 
@@ -145,9 +160,13 @@ def _watch_matmul_dtype(model) -> set[str]:
     """The dtypes the first decoder layer's MLP output projection produces, as the run
     goes: shows whether bf16 autocast really reached the matmuls."""
     seen: set[str] = set()
-    layer = model.model.layers[0].mlp.down_proj
+    layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp.down_proj"))
     layer.register_forward_hook(lambda mod, args, out: seen.add(str(out.dtype)))
     return seen
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # ---------------------------------------------------------------- TRL's side
@@ -191,6 +210,18 @@ def run_trl(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
                 file=sys.stderr,
             )
 
+    peft_config = None
+    if w.lora_rank:
+        from peft import LoraConfig
+
+        lora = _lora_settings(w)
+        peft_config = LoraConfig(
+            r=lora["rank"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+            task_type="CAUSAL_LM",
+        )
     model, tokenizer = load_model_and_tokenizer(setup["model_dir"])
     rows = [json.loads(line) for line in Path(setup["prompt_file"]).read_text().splitlines()]
     config = GRPOConfig(
@@ -239,6 +270,7 @@ def run_trl(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
         callbacks=[timer],
+        peft_config=peft_config,
     )
     dtypes = {str(p.dtype) for p in trainer.model.parameters()}
     if trainer.ref_model is not None:
@@ -255,6 +287,10 @@ def run_trl(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
                 out[step] += seconds
         return out
 
+    models = [trainer.model] + ([trainer.ref_model] if trainer.ref_model is not None else [])
+    states = [
+        t for st in trainer.optimizer.state.values() for t in st.values() if torch.is_tensor(t)
+    ]
     generate = per_step("transformers.generate")
     prepare = per_step("_prepare_inputs")
     phases = {
@@ -269,6 +305,12 @@ def run_trl(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "trl_version": trl.__version__,
         "matmul_dtypes": sorted(matmul_dtypes),
+        "model_and_optimizer_mb": (
+            _bytes(p for m in models for p in m.parameters()) + _bytes(states)
+        )
+        / 2**20,
+        "trained_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "reference_copy": trainer.ref_model is not None,
     }
 
 
@@ -326,7 +368,8 @@ def _print_table(w: Workload, setup: dict, results: dict[str, dict]) -> None:
     )
     head = (
         f"{'side':5} {'s/step':>8} {'best':>8} {'tok/s':>8} {'tok/step':>8} {'gen s':>7} "
-        f"{'ref+score':>9} {'update':>7} {'RSS MiB':>8} {'util':>6} {'peak GF/s':>9}"
+        f"{'ref+score':>9} {'update':>7} {'RSS MiB':>8} {'util':>6} {'peak GF/s':>9} "
+        f"{'model+opt MiB':>13}"
     )
     print(head)
     for side, r in results.items():
@@ -335,7 +378,8 @@ def _print_table(w: Workload, setup: dict, results: dict[str, dict]) -> None:
             f"{side:5} {r['s_per_step']:8.3f} {r['best_s_per_step']:8.3f} {r['tokens_per_s']:8.1f} "
             f"{r['completion_tokens_per_step']:8.1f} {p['generation']:7.3f} "
             f"{p['scoring_and_reference']:9.3f} {p['update']:7.3f} {r['peak_rss_mb']:8.0f} "
-            f"{r['utilisation']:6.1%} {r['matmul_peak_gflops']:9.1f}"
+            f"{r['utilisation']:6.1%} {r['matmul_peak_gflops']:9.1f} "
+            f"{r['model_and_optimizer_mb']:13.0f}"
         )
 
 
@@ -376,6 +420,9 @@ def compare(w: Workload, args: argparse.Namespace) -> dict:
             f"{side}_phases_s": r["phases_s"],
             f"{side}_utilisation": r["utilisation"],
             f"{side}_matmul_dtypes": r["matmul_dtypes"],
+            f"{side}_model_and_optimizer_mb": r["model_and_optimizer_mb"],
+            f"{side}_trained_parameters": r["trained_parameters"],
+            f"{side}_reference_copy": r["reference_copy"],
         }
     if "ours" in results:
         summary["utilisation"] = results["ours"]["utilisation"]

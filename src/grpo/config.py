@@ -39,6 +39,35 @@ class _Section(BaseModel):
     )
 
 
+class LoraConfig(_Section):
+    """Low-rank adapters (Hu et al. 2021, "LoRA") through PEFT: ``W + (alpha / rank) B A``
+    on the target layers, only ``A`` and ``B`` trained. The reference is the policy with
+    its adapters switched off, so no second copy of the weights exists."""
+
+    rank: int = Field(default=16, ge=1)
+    """r: the adapters' rank (PEFT's ``r``)."""
+    alpha: float = Field(default=32.0, gt=0)
+    """Scale numerator: the update is ``alpha / rank * B A`` (PEFT's ``lora_alpha``)."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on the adapters' input (PEFT's ``lora_dropout``); not switched off by
+    ``model.disable_dropout``."""
+    target_modules: list[str] | str = "all-linear"
+    """Layer names that get adapters, or ``all-linear`` (every linear layer but the LM head,
+    PEFT's shorthand). The LM head cannot take one: log-probs run it in chunks."""
+
+    @model_validator(mode="after")
+    def _no_head_adapter(self) -> LoraConfig:
+        targets = (
+            [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
+        )
+        if "lm_head" in targets:
+            raise ValueError(
+                f"target_modules={self.target_modules!r}: lm_head cannot take an adapter "
+                "(log-probs run the LM head in chunks); leave it out"
+            )
+        return self
+
+
 class ModelConfig(_Section):
     name_or_path: str = "runs/tiny-model"
     """Local directory or hub id of the policy, loaded with ``from_pretrained``."""
@@ -66,6 +95,9 @@ class ModelConfig(_Section):
     ``gradient_checkpointing_enable``, non-reentrant): same gradients, much less activation
     memory, about a third more compute. The training pass then runs prompts once per
     completion (checkpointed layers drop the KV cache ``optim.share_prompt`` relies on)."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of every weight (off by default); see ``LoraConfig``.
+    ``model.lora={}`` takes the defaults, ``model.lora.rank=8`` sets one field."""
 
 
 class DataConfig(_Section):
@@ -365,6 +397,12 @@ class Config(_Section):
             raise ValueError(
                 f"algorithm.use_bias_correction_kl=true needs algorithm.name='grpo' (the KL in "
                 f"the loss), got {alg.name!r}, which puts the KL in the reward"
+            )
+        if self.model.lora is not None and alg.name == "ppo":
+            raise ValueError(
+                "model.lora is set but algorithm.name='ppo': PPO's critic is a full model "
+                "with its own optimizer and cannot train through LoRA yet; use grpo or rloo, "
+                "or remove model.lora"
             )
         if self.rewards.overlong_buffer >= self.rollout.max_completion_length:
             raise ValueError(

@@ -1,0 +1,184 @@
+"""LoRA adapters through PEFT: add, switch off for the reference, merge, save and load.
+
+LoRA (Hu et al. 2021) trains ``W + (alpha / r) B A`` with ``W`` frozen, so the trainable
+state is the adapters and their optimizer moments. GRPO's reference (eq. IV.I) is then the
+policy with its adapters switched off (``adapters_off``): the frozen base is the starting
+policy, so no second copy of the weights is ever made.
+
+Iterative RL (``algorithm.ref_reset_every``, DeepSeekMath 4.2) moves the reference to the
+current policy; under LoRA, ``merge_and_restart`` adds ``(alpha / r) B A`` into the base
+weights and starts a fresh adapter (``B = 0``, so the policy is unchanged) with fresh
+optimizer moments: the adapters-off reference is then the policy of that moment.
+
+On disk: a checkpoint holds the adapter (PEFT's ``adapter_model.safetensors`` and
+``adapter_config.json``) and, once the base has moved, the base weights (``BASE_DIR``);
+the final model is the merged weights, loadable by ``from_pretrained`` without PEFT.
+A model path that is an adapter directory loads its base plus the adapter, merged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+BASE_DIR = "base"
+"""Sub-directory of a checkpoint holding the base weights once merges have moved them."""
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError(
+            "model.lora needs PEFT: pip install 'grpo[peft]' (or pip install peft)"
+        ) from err
+    return peft
+
+
+def add_adapters(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    """Wrap ``model`` in a ``PeftModel`` with fresh adapters from ``cfg`` (a LoraConfig
+    section); only the adapters require gradients afterwards."""
+    peft = _peft()
+    config = peft.LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(model, config)
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a PEFT model with LoRA adapters."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def adapters_off(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Run ``model`` as its base: the reference of a LoRA policy (exactly the base's
+    outputs: a disabled LoRA layer returns its base layer's output)."""
+    return model.disable_adapter()
+
+
+def _lora_layers(model: torch.nn.Module):
+    layer_type = _peft().tuners.lora.LoraLayer
+    return [m for m in model.modules() if isinstance(m, layer_type)]
+
+
+@torch.no_grad()
+def merge_and_restart(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Add each adapter's ``(alpha / r) B A`` into its base weight, then re-initialise the
+    adapter (``A`` random as PEFT does, ``B = 0``) and drop its optimizer moments.
+
+    The policy's outputs are unchanged (up to the rounding of ``W + dW``); the parameters
+    stay the same objects, so the optimizer keeps training them.
+    """
+    for layer in _lora_layers(model):
+        for name in layer.active_adapters:
+            base = layer.get_base_layer()
+            base.weight += layer.get_delta_weight(name).to(base.weight.dtype)
+            layer.reset_lora_parameters(name, init_lora_weights=True)
+            if optimizer is not None:
+                for p in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                    optimizer.state.pop(p, None)
+
+
+def _plain_name(key: str) -> str:
+    """A PEFT-injected model's parameter name as the plain model names it."""
+    return key.replace(".base_layer.", ".")
+
+
+def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base weights under the plain model's names (adapters left out)."""
+    lm = model.get_base_model()
+    return {_plain_name(k): v for k, v in lm.state_dict().items() if ".lora_" not in k}
+
+
+@torch.no_grad()
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of the plain model equal to base + adapters, under the plain names.
+
+    Merged tensors are new (on the CPU, so a GPU run needs no room for a second copy);
+    the others are the model's own.
+    """
+    weights = base_state_dict(model)
+    lm = model.get_base_model()
+    layer_type = _peft().tuners.lora.LoraLayer
+    for module_name, layer in lm.named_modules():
+        if isinstance(layer, layer_type):
+            key = _plain_name(f"{module_name}.base_layer.weight")
+            delta = sum(layer.get_delta_weight(n) for n in layer.active_adapters)
+            weights[key] = (weights[key] + delta).cpu()
+    return weights
+
+
+def save_merged(model: torch.nn.Module, path: str | Path) -> Path:
+    """Write the merged model (``save_pretrained`` form, no PEFT needed to load it)."""
+    lm = model.get_base_model()
+    lm.save_pretrained(path, state_dict=merged_state_dict(model))
+    return Path(path)
+
+
+def save_base(model: torch.nn.Module, path: str | Path) -> Path:
+    """Write the base weights (``save_pretrained`` form) once merges have moved them."""
+    model.get_base_model().save_pretrained(path, state_dict=base_state_dict(model))
+    return Path(path)
+
+
+@torch.no_grad()
+def load_base(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy base weights written by ``save_base`` into ``model``'s base layers."""
+    from safetensors.torch import load_file
+
+    saved: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        saved |= load_file(file)
+    lm = model.get_base_model()
+    missing = []
+    for key, value in lm.state_dict(keep_vars=True).items():
+        if ".lora_" in key:
+            continue
+        plain = _plain_name(key)
+        if plain in saved:
+            value.copy_(saved[plain])
+        else:
+            missing.append(plain)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied:
+        raise ValueError(f"{str(path)!r}: base weights lack {sorted(set(missing) - tied)[:3]}")
+
+
+def load_adapter_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load the adapter that ``PeftModel.save_pretrained`` wrote to ``path`` into ``model``."""
+    from safetensors.torch import load_file
+
+    peft = _peft()
+    file = Path(path) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} holds no adapter (no adapter_model.safetensors)")
+    result = peft.set_peft_model_state_dict(model, load_file(file))
+    if result.unexpected_keys:
+        raise ValueError(f"{str(file)!r}: unexpected adapter keys {result.unexpected_keys[:3]}")
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory holding a PEFT adapter (``adapter_config.json``)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def load_merged_adapter(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The base model named in ``path``'s adapter config plus that adapter, merged into a
+    plain transformers model (the starting policy, and so the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    peft = _peft()
+    config = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    base_path = config.get("base_model_name_or_path")
+    if not base_path:
+        raise ValueError(f"{str(path)!r}: {ADAPTER_CONFIG} names no base_model_name_or_path")
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    return peft.PeftModel.from_pretrained(base, str(path)).merge_and_unload(), base_path
