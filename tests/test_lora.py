@@ -112,3 +112,16 @@ def test_config_refuses_ppo_and_an_adapted_lm_head():
     with pytest.raises(ConfigError, match="lm_head"):
         build_config(overrides=["model.lora.target_modules=[q_proj,lm_head]"])
     assert build_config().model.lora is None  # off by default
+
+
+def test_generation_with_adapters_runs_the_head_on_the_last_position_only(tiny_model_dir):
+    from grpo.rollout.torch_engine import TorchEngine
+    from grpo.types import SamplingParams
+
+    model = _trained_adapter(tiny_model_dir)
+    widths = []
+    head = model.get_base_model().lm_head
+    head.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    params = SamplingParams(num_generations=2, max_completion_length=3, eos_token_ids=())
+    TorchEngine().generate(model, [[8, 9, 10, 11]], params)
+    assert widths == [1, 1, 1]  # the prefill of 4 prompt tokens and 2 decode steps
