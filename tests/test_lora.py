@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from grpo import lora
 from grpo.config import ConfigError, LoraConfig, build_config
 from grpo.logprobs import completion_logp
-from grpo.modeling import load_model_and_tokenizer
+from grpo.hf import load_model_and_tokenizer
 
 pytest.importorskip("peft")
 
@@ -125,3 +125,111 @@ def test_generation_with_adapters_runs_the_head_on_the_last_position_only(tiny_m
     params = SamplingParams(num_generations=2, max_completion_length=3, eos_token_ids=())
     TorchEngine().generate(model, [[8, 9, 10, 11]], params)
     assert widths == [1, 1, 1]  # the prefill of 4 prompt tokens and 2 decode steps
+
+
+# ---------------------------------------------------------------- through the trainer
+
+LORA = ("model.lora.rank=4", "model.lora.alpha=8", "model.lora.target_modules=[q_proj,v_proj]")
+
+
+def _trainer(model_dir, out, *extra):
+    from test_trainer import make_cfg, make_trainer
+
+    return make_trainer(make_cfg(model_dir, out, *LORA, *extra))
+
+
+def _params(module, lora_part):
+    return {
+        n: p.detach().clone() for n, p in module.named_parameters() if (".lora_" in n) == lora_part
+    }
+
+
+def test_training_moves_only_the_adapters_and_holds_no_reference_copy(tiny_model_dir, tmp_path):
+    t = _trainer(tiny_model_dir, tmp_path)
+    assert t.reference.module is t.policy.module  # the reference is the policy, adapters off
+    base, adapters = _params(t.policy.module, False), _params(t.policy.module, True)
+    metrics = t.train_step()
+    for name, p in t.policy.module.named_parameters():
+        if ".lora_" in name:
+            continue
+        assert torch.equal(p, base[name]), name
+    assert any(
+        not torch.equal(p, adapters[n])
+        for n, p in t.policy.module.named_parameters()
+        if n in adapters
+    )
+    # bytes: base weights + adapters + AdamW's exp_avg and exp_avg_sq of each adapter
+    # (same size) and its step counter (one float32 each); nothing for a reference
+    base_bytes = sum(p.numel() * 4 for p in base.values())
+    adapter_numel = sum(p.numel() for p in adapters.values())
+    expected = base_bytes + adapter_numel * 4 + 2 * adapter_numel * 4 + len(adapters) * 4
+    assert metrics["memory/model_and_optimizer_bytes"] == expected
+    assert metrics["trained_parameters"] == adapter_numel
+
+
+def test_reference_logp_equals_the_base_model_exactly(tiny_model_dir, tmp_path):
+    from grpo.logprobs import batched_logp
+    from grpo.types import Batch
+
+    t = _trainer(tiny_model_dir, tmp_path)
+    t.train_step()  # the adapters have moved
+    rollout = t.engine.generate(t.policy.module, [[8, 9, 10], [11, 12]], t.sampling)
+    batch = Batch.from_rollout(rollout)
+    base, _ = load_model_and_tokenizer(tiny_model_dir)
+    expected = batched_logp(base, batch, 3, 1.0)
+    assert torch.equal(t.reference.logp(batch, 3), expected)
+    assert not torch.equal(t.policy.logp_no_grad(batch, 3), expected)
+
+
+@pytest.mark.parametrize("reset", [0, 1])
+def test_resume_is_exact(tiny_model_dir, tmp_path, reset):
+    """3 straight steps == 2 steps, save, resume in a new trainer, 1 more; with the
+    reference reset every step, the moved base weights travel in the checkpoint."""
+    extra = (f"algorithm.ref_reset_every={reset}",)
+    straight = _trainer(tiny_model_dir, tmp_path / "a", "optim.max_steps=3", *extra)
+    straight.train()
+    first = _trainer(tiny_model_dir, tmp_path / "b", "optim.max_steps=2", *extra)
+    first.train()
+    checkpoint = tmp_path / "b" / "checkpoints" / "step-2"
+    assert lora.is_adapter_dir(checkpoint)
+    assert not (checkpoint / "model.safetensors").exists()  # the adapter only
+    assert (checkpoint / "reference").is_dir() == bool(reset)
+    resumed = _trainer(tiny_model_dir, tmp_path / "b", "optim.max_steps=3", *extra)
+    assert resumed.resume() == 2
+    resumed.train()
+    for (n, a), b in zip(
+        straight.policy.module.named_parameters(), resumed.policy.module.parameters(), strict=True
+    ):
+        assert torch.equal(a, b), n
+
+
+def test_reference_reset_merges_and_starts_a_fresh_adapter(tiny_model_dir, tmp_path):
+    from grpo.types import Batch
+
+    t = _trainer(tiny_model_dir, tmp_path, "algorithm.ref_reset_every=2")
+    t.train_step()
+    t.step = 1
+    rollout = t.engine.generate(t.policy.module, [[8, 9, 10]], t.sampling)
+    batch = Batch.from_rollout(rollout)
+    assert not torch.equal(t.reference.logp(batch, 4), t.policy.logp_no_grad(batch, 4))
+    t.train_step()  # the second step ends with a merge
+    assert_close(t.reference.logp(batch, 4), t.policy.logp_no_grad(batch, 4))
+    for name, p in t.policy.module.named_parameters():
+        if "lora_B" in name:
+            assert torch.count_nonzero(p) == 0, name
+    assert all(p not in t.optimizer.state for p in t.policy.trainable_parameters())
+
+
+def test_final_holds_a_merged_model_and_the_adapter(tiny_model_dir, tmp_path):
+    t = _trainer(tiny_model_dir, tmp_path, "optim.max_steps=1")
+    t.train()
+    ids, mask, n = _batch()
+    with torch.no_grad():
+        expected = completion_logp(t.policy.module, ids, mask, n)[0]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # no PEFT involved
+    assert not lora.is_adapter_dir(tmp_path / "final")
+    assert_close(_logp(merged), expected)
+    # an adapter directory as the model path: its base plus the adapter, merged
+    model, tokenizer = load_model_and_tokenizer(tmp_path / "final" / "adapter")
+    assert not lora.is_lora(model) and len(tokenizer) == 101
+    assert_close(_logp(model), expected)

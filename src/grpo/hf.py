@@ -22,7 +22,8 @@ from torch import Tensor
 
 
 def load_model_and_tokenizer(path_or_id: str | Path, dtype: torch.dtype = torch.float32):
-    """Load any causal LM and its tokenizer: a directory from ``init_model_dir`` or a hub id.
+    """Load any causal LM and its tokenizer: a directory from ``init_model_dir`` or a hub id,
+    or a PEFT adapter directory (its base model plus the adapter, merged: ``grpo.lora``).
 
     The tokenizer is made ready for batched generation: ``padding_side="left"`` and, when it
     has no pad token (many base models), ``pad_token = eos_token``. The model's generation
@@ -30,8 +31,16 @@ def load_model_and_tokenizer(path_or_id: str | Path, dtype: torch.dtype = torch.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+    from grpo import lora
+
+    if lora.is_adapter_dir(path_or_id):
+        # a PEFT adapter directory: its base plus the adapter, merged, is the model
+        model, base_path = lora.load_merged_adapter(path_or_id, dtype)
+        has_tokenizer = (Path(path_or_id) / "tokenizer_config.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(str(path_or_id if has_tokenizer else base_path))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

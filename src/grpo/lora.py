@@ -182,3 +182,53 @@ def load_merged_adapter(path: str | Path, dtype: torch.dtype = torch.float32):
         raise ValueError(f"{str(path)!r}: {ADAPTER_CONFIG} names no base_model_name_or_path")
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     return peft.PeftModel.from_pretrained(base, str(path)).merge_and_unload(), base_path
+
+
+class AdaptersOffReference:
+    """The reference of a LoRA policy: the policy itself with its adapters switched off
+    (``Reference.build`` picks it). Holds no weights of its own; ``module`` is the
+    policy's, so memory metrics count it once."""
+
+    equals_policy = False
+    """Never taken as equal: its log-probs are always computed (with adapters off)."""
+
+    def __init__(self, policy) -> None:
+        self.policy = policy
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.policy.module
+
+    def distribute(self, strategy: str) -> None:
+        """Nothing to wrap: the policy's module is the reference's."""
+
+    def policy_stepped(self) -> None:
+        """Nothing to track: the reference is always the adapters-off policy."""
+
+    def compare_to(self, policy) -> None:
+        """Nothing to compare: see ``equals_policy``."""
+
+    def logp(self, batch, micro_size: int) -> torch.Tensor:
+        """Log-probs ``[N, T]`` of a whole batch under the base weights, no gradient, in
+        eval mode (so that ``model.lora.dropout`` or any dropout left on stays off)."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with adapters_off(self.module):
+                return self.policy.logp_no_grad(batch, micro_size)
+        finally:
+            self.module.train(was_training)
+
+    def reset_to(self, policy, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Iterative RL under LoRA: merge the adapters into the base and start fresh ones
+        (``merge_and_restart``), so the reference becomes the current policy."""
+        merge_and_restart(policy.module, optimizer)
+
+    def save(self, directory: str | Path) -> None:
+        """Write the base weights (they move at every ``reset_to``)."""
+        save_base(self.module, directory)
+
+    save_pretrained = save  # what ``checkpoint.save_checkpoint`` calls
+
+    def load(self, directory: str | Path) -> None:
+        load_base(self.module, directory)

@@ -1,4 +1,5 @@
-"""Per-model training options applied once after loading: dropout off, gradient checkpointing.
+"""Per-model training options applied once after loading: dropout off, gradient
+checkpointing, LoRA adapters (``grpo.lora``).
 
 * **Dropout off** (``model.disable_dropout``, TRL's name). GRPO's ratio and KL compare the
   policy's log-probs with the sampler's, the old policy's and the reference's; dropout
@@ -52,9 +53,14 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def apply_model_options(model: torch.nn.Module, cfg) -> torch.nn.Module:
-    """``cfg.disable_dropout`` then ``cfg.gradient_checkpointing`` (a ``ModelConfig``)."""
+    """``cfg.disable_dropout``, ``cfg.gradient_checkpointing``, then ``cfg.lora`` (a
+    ``ModelConfig``): returns the model to train, a ``PeftModel`` under LoRA."""
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.lora is not None:
+        from grpo.lora import add_adapters
+
+        model = add_adapters(model, cfg.lora)
     return model

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from grpo import distributed
+from grpo import distributed, lora
 from grpo.config import Config
 from grpo.diagnostics import same_weights
 from grpo.hf import load_model_and_tokenizer, unwrap
@@ -89,6 +89,11 @@ class Policy:
 
     def distribute(self, strategy: str) -> None:
         """Wrap the module for ``torchrun``'s processes (DDP or FSDP2; a no-op in one)."""
+        if self.lora and self.runtime.distributed:
+            raise ValueError(
+                f"model.lora under torchrun (distributed.strategy={strategy!r}) is not "
+                "supported yet: train LoRA in one process, or remove model.lora"
+            )
         self.module = distributed.wrap(self.module, strategy, self.runtime)
         self.agree = distributed.agreed_calls(self.module, self.runtime)
 
@@ -125,16 +130,35 @@ class Policy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    @property
+    def lora(self) -> bool:
+        """Whether only LoRA adapters are trained (``model.lora``, or a PEFT model given)."""
+        return lora.is_lora(self.module)
+
     def save(self, directory: str | Path) -> None:
         """The whole model in ``save_pretrained`` form (under torchrun every process calls
-        this; the weights are gathered and rank 0 writes)."""
-        if self.runtime.distributed:
+        this; the weights are gathered and rank 0 writes). Under LoRA: the adapters merged
+        into the base (``from_pretrained`` loads it without PEFT), and the adapter itself
+        in ``directory/adapter``."""
+        if self.lora:
+            lora.save_merged(self.module, directory)
+            self.module.save_pretrained(Path(directory) / "adapter")
+        elif self.runtime.distributed:
             distributed.save_full(directory, self.module, None, self.runtime)
         else:
             self.base.save_pretrained(directory)
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """The checkpoint form (``checkpoint.save_checkpoint`` calls it): all weights, or
+        under LoRA only the adapter (PEFT's files)."""
+        (self.module if self.lora else self.base).save_pretrained(directory)
+
     def load(self, directory: str | Path) -> None:
-        load_weights(self.base, directory)
+        """Load what ``save_pretrained`` wrote."""
+        if self.lora:
+            lora.load_adapter_weights(self.module, directory)
+        else:
+            load_weights(self.base, directory)
 
 
 def _logp_no_grad(
@@ -176,11 +200,14 @@ class Reference:
         self.agree = distributed.agreed_calls(self.module, self.runtime)
 
     @classmethod
-    def build(cls, cfg: Config, policy: Policy) -> Reference | None:
+    def build(cls, cfg: Config, policy: Policy) -> Reference | lora.AdaptersOffReference | None:
         """None when ``algorithm.beta`` is 0 (no KL term, no model); the model at
-        ``model.ref_name_or_path`` when given; else a frozen copy of the policy."""
+        ``model.ref_name_or_path`` when given; the policy with its adapters switched off
+        under LoRA (no copy); else a frozen copy of the policy."""
         if cfg.algorithm.beta == 0:
             return None
+        if policy.lora and not cfg.model.ref_name_or_path:
+            return lora.AdaptersOffReference(policy)
         if cfg.model.ref_name_or_path:
             module, _ = load_model_and_tokenizer(
                 cfg.model.ref_name_or_path, DTYPES[cfg.model.dtype]
@@ -198,8 +225,15 @@ class Reference:
             self.module, batch, micro_size, self.settings, self.runtime, self.agree
         )
 
-    def reset_to(self, policy: Policy) -> None:
-        """Copy the policy's current weights into the reference."""
+    def reset_to(self, policy: Policy, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Copy the policy's current weights into the reference (``optimizer`` is for the
+        adapters-off reference, which restarts the adapters' moments)."""
+        if policy.lora:
+            own = self.module.state_dict()
+            with torch.no_grad():  # the reference is a plain model: take the merged weights
+                for key, value in lora.merged_state_dict(policy.module).items():
+                    own[key].copy_(value)
+            return
         self.module.load_state_dict(policy.base.state_dict())
         self.equals_policy = True
 
@@ -213,6 +247,8 @@ class Reference:
 
     def save(self, directory: str | Path) -> None:
         self.module.save_pretrained(directory)
+
+    save_pretrained = save  # what ``checkpoint.save_checkpoint`` calls
 
     def load(self, directory: str | Path) -> None:
         load_weights(self.module, directory)

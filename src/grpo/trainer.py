@@ -241,7 +241,7 @@ class GRPOTrainer:
         # 6. iterative RL: the reference follows the policy every N steps (DeepSeekMath 4.2)
         n_reset = alg.ref_reset_every
         if self.reference is not None and n_reset and (self.step + 1) % n_reset == 0:
-            self.reference.reset_to(self.policy)
+            self.reference.reset_to(self.policy, self.optimizer)
 
         # over all processes: update metrics weighted by each one's tokens
         tokens = batch.completion_mask.sum().item()
@@ -404,10 +404,10 @@ class GRPOTrainer:
         return ckpt.save_checkpoint(
             self.output_dir,
             self.step,
-            self.policy.base,
+            self.policy,
             self.tokenizer,
             self.state_dict(),
-            ref_model=self.reference.module if ref_moved else None,
+            ref_model=self.reference if ref_moved else None,
             keep=self.cfg.run.keep_last,
             config=self.cfg,
         )
