@@ -143,7 +143,8 @@ def run_ours(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
         "matmul_dtypes": sorted(matmul_dtypes),
         "model_and_optimizer_mb": m["memory/model_and_optimizer_bytes"] / 2**20,
         "trained_parameters": m["trained_parameters"],
-        "reference_copy": trainer.ref_model is not None and trainer.ref_model is not trainer.model,
+        "reference_copy": trainer.reference is not None
+        and trainer.reference.module is not trainer.policy.module,
     }
 
 

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from grpo import lora
 from grpo.config import ConfigError, LoraConfig, build_config
-from grpo.logprobs import completion_logp
 from grpo.hf import load_model_and_tokenizer
+from grpo.logprobs import completion_logp
 
 pytest.importorskip("peft")
 
