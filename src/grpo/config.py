@@ -223,7 +223,9 @@ class AlgorithmConfig(_Section):
     loss_type: Literal["grpo", "token_mean", "dr_grpo"] = "grpo"
     """Aggregation: per-completion mean (paper), token mean (DAPO), constant budget (Dr. GRPO)."""
     ref_reset_every: int = Field(default=0, ge=0)
-    """Reset the reference model to the policy every N steps (iterative RL); 0 never."""
+    """Reset the reference model to the policy every N steps (iterative RL); 0 never.
+    Under ``model.lora`` the adapters are merged into the base weights and a fresh adapter
+    (B = 0, fresh optimizer moments) starts, so the adapters-off reference is the policy."""
     importance_sampling_level: Literal["token", "sequence"] = "token"
     """Ratio per token (PPO, GRPO) or one per completion, the mean token log-ratio
     exponentiated (GSPO, Zheng et al. 2025; use it with small epsilons, e.g. 3e-4/4e-4)."""
