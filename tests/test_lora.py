@@ -233,3 +233,14 @@ def test_final_holds_a_merged_model_and_the_adapter(tiny_model_dir, tmp_path):
     model, tokenizer = load_model_and_tokenizer(tmp_path / "final" / "adapter")
     assert not lora.is_lora(model) and len(tokenizer) == 101
     assert_close(_logp(model), expected)
+
+
+def test_a_peft_model_passed_in_gets_the_adapters_off_reference(tiny_model_dir, tmp_path):
+    from test_trainer import make_cfg, make_trainer
+
+    tok = load_model_and_tokenizer(tiny_model_dir)[1]
+    model = _trained_adapter(tiny_model_dir)
+    t = make_trainer(make_cfg(tiny_model_dir, tmp_path), model=model, tokenizer=tok)
+    assert t.reference.module is t.policy.module  # no copy of a user's PEFT model either
+    with pytest.raises(ValueError, match="already carries PEFT adapters"):
+        make_trainer(make_cfg(tiny_model_dir, tmp_path, *LORA), model=model, tokenizer=tok)

@@ -60,7 +60,12 @@ def apply_model_options(model: torch.nn.Module, cfg) -> torch.nn.Module:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.lora is not None:
-        from grpo.lora import add_adapters
+        from grpo.lora import add_adapters, is_lora
 
+        if is_lora(model):
+            raise ValueError(
+                f"model.lora={cfg.lora.model_dump()}: the model given already carries PEFT "
+                "adapters; remove model.lora to train them, or pass the plain model"
+            )
         model = add_adapters(model, cfg.lora)
     return model

@@ -66,8 +66,10 @@ def sampling_params(cfg: Config, tokenizer: Any, model: Any = None) -> SamplingP
 def setup_policy(cfg: Config, runtime: Runtime, model=None, tokenizer=None):
     """The policy (loaded from ``model.name_or_path`` unless given) and its tokenizer."""
     if model is None or tokenizer is None:
-        model, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path, DTYPES[cfg.model.dtype])
-    model = apply_model_options(model, cfg.model)  # dropout off, checkpointing
+        model, tokenizer = load_model_and_tokenizer(
+            cfg.model.name_or_path, DTYPES[cfg.model.dtype]
+        )
+    model = apply_model_options(model, cfg.model)  # dropout off, checkpointing, LoRA
     return Policy(model, runtime, LogpSettings.from_config(cfg)), tokenizer
 
 
