@@ -193,7 +193,7 @@ class _ChunkedHeadLogp(torch.autograd.Function):
             logp[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
             if with_entropy:
                 log_probs = logits.sub_(lse[rows, None])  # [c, V], in place
-                entropy[rows] = -(log_probs.exp() * log_probs).sum(dim=-1)
+                entropy[rows] = -log_probs.exp().mul_(log_probs).sum(dim=-1)
         device = hidden.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.transform, ctx.chunk = transform, chunk
@@ -215,15 +215,22 @@ class _ChunkedHeadLogp(torch.autograd.Function):
                 rows = slice(s, s + chunk)
                 h, g = hidden[rows], grad_logp[rows, None]  # [c, H], [c, 1]
                 logits = _head_logits(h, weight, bias, cap, scale)  # [c, V]
-                # d logp / d logits = onehot(target) - softmax(logits)
-                grad = (logits - lse[rows, None]).exp_().mul_(-g)  # [c, V]
+                # through scale * cap * tanh(a / cap): d/da = scale * (1 - tanh^2)
+                dcap = None if cap is None else 1 - (logits / (scale * cap)).square()
+                # d logp / d logits = onehot(target) - softmax(logits), in place
+                grad = logits.sub_(lse[rows, None]).exp_().mul_(-g)  # [c, V]
                 grad.scatter_add_(-1, targets[rows, None], g)
-                if cap is not None:  # through scale * cap * tanh(a / cap)
-                    grad.mul_(1 - (logits / (scale * cap)).square())
-                grad = (grad * scale).to(weight.dtype)  # [c, V] d logp / d (h W^T + b)
+                if dcap is not None:
+                    grad.mul_(dcap)
+                if scale != 1.0:
+                    grad.mul_(scale)
+                grad = grad.to(weight.dtype)  # [c, V] d logp / d (h W^T + b)
                 if need_h:
                     grad_h[rows] = (grad @ weight).to(hidden.dtype)  # [c, H]
-                if need_w:
+                if need_w and grad.dtype == grad_w.dtype and not enabled:
+                    # in place: a [V, H] temporary per chunk would cost V*H*4 bytes each time
+                    grad_w.addmm_(grad.T, h.to(grad.dtype))  # [V, H]
+                elif need_w:
                     grad_w += grad.T @ h.to(weight.dtype)  # [V, H]
                 if need_b:
                     grad_b += grad.sum(dim=0)  # [V]
