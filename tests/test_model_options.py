@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from grpo.algorithms.objective import policy_loss
 from grpo.logprobs import batch_logp
-from grpo.losses import Normaliser
+from grpo.losses import Normaliser, kl_divergence
 from grpo.modeling import build_char_tokenizer, build_tiny_model
 from grpo.trainer import GRPOTrainer
 from grpo.types import Batch
@@ -53,20 +53,24 @@ def test_dropout_off_gives_kl_zero_and_ratio_one(build, disable, tiny_model_dir,
     cfg = make_cfg(tiny_model_dir, tmp_path, f"model.disable_dropout={disable}")
     trainer = GRPOTrainer(cfg, model=build(tok), tokenizer=tok, reward_functions=[distinct_chars])
     torch.manual_seed(1)
-    kl = trainer.train_step()["kl"]
-    # the policy in training mode scored twice, as old_logp and as logp with mu > 1
     rollout = trainer.engine.generate(trainer.model, [[8, 9, 10]], trainer.sampling)
     batch = Batch.from_rollout(rollout)
+    real = batch.completion_mask.bool()
+    # step one: the reference (eval mode) against the policy in training mode, scored twice
+    # as old_logp and logp would be with mu > 1 (the trainer itself skips the reference
+    # pass while the weights are equal, so the passes are run here directly)
     trainer.model.train()
     with torch.no_grad():
-        old_logp = batch_logp(trainer.model, batch, 1.0)[0]  # [N, T]
-        logp = batch_logp(trainer.model, batch, 1.0)[0]  # [N, T]
-    ratio = torch.exp(logp - old_logp)[batch.completion_mask.bool()]
+        ref_logp = trainer.reference.logp(batch, 3)  # [N, T]
+        old_logp = trainer.policy.logp(batch)[0]  # [N, T]
+        logp = trainer.policy.logp(batch)[0]  # [N, T]
+    kl = kl_divergence(logp, ref_logp, "k3")[real]
+    ratio = torch.exp(logp - old_logp)[real]
     if disable:
-        assert kl == 0.0  # the policy and the reference are the same function at step one
+        assert torch.equal(kl, torch.zeros_like(kl))
         assert torch.equal(ratio, torch.ones_like(ratio))
     else:  # the test can fail: with dropout on, both are off
-        assert kl > 0.0
+        assert kl.sum() > 0.0
         assert not torch.equal(ratio, torch.ones_like(ratio))
 
 
