@@ -203,15 +203,16 @@ COMPLETION_TOKENS: list[int] = []
 
 
 def bench_reward(prompts: list, completions: list, completion_ids: list, **kwargs) -> list[float]:
-    """Cheap, deterministic reward with TRL's signature: the fraction of vowels in a
-    completion. It varies within a group, so advantages are not all zero; it also records
-    the step's completion-token count, identically on both sides.
+    """Cheap, deterministic reward with TRL's signature: the fraction of vowels and odd
+    digits in a completion (digits: the filler tokens of ``big-vocab`` decode as ``<v123>``).
+    It varies within a group, so advantages are not all zero and no trainer can skip its
+    update; it also records the step's completion-token count, identically on both sides.
 
-    >>> bench_reward(["p", "p"], ["abc", "xy"], [[1, 2, 3], [4, 5]])
-    [0.3333333333333333, 0.0]
+    >>> bench_reward(["p", "p", "p"], ["abc", "xy", "<v135>"], [[1, 2, 3], [4, 5], [6]])
+    [0.3333333333333333, 0.0, 0.5]
     """
     COMPLETION_TOKENS.append(sum(len(ids) for ids in completion_ids))
-    return [sum(c in "aeiou" for c in text) / max(1, len(text)) for text in completions]
+    return [sum(c in "aeiou13579" for c in text) / max(1, len(text)) for text in completions]
 
 
 def peak_rss_mb() -> float:
