@@ -54,6 +54,8 @@ from typing import Any
 ISOLATIONS = ("bwrap", "none")
 """``bwrap``: namespaces (fails closed); ``none``: plain subprocesses, UNSAFE with hostile code."""
 SCRIPT = Path(__file__).with_name("_sandboxed.py")
+BASE_PYTHON = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+"""The interpreter under ``sys.base_prefix`` that a virtual environment was made from."""
 _SCRIPT_INSIDE = "/opt/grpo/sandboxed.py"
 NOBODY = 65534
 """The uid and gid sandboxes run as when the trainer is root."""
@@ -206,8 +208,12 @@ class Sandbox:
         return f"bubblewrap ({self.bwrap}{who}); memory and processes: {bound}"
 
     def python(self) -> list[str]:
-        """The command that runs ``_sandboxed.py`` in this sandbox."""
-        return [sys.executable, "-I", _SCRIPT_INSIDE if self.bwrap else str(SCRIPT)]
+        """The command that runs ``_sandboxed.py`` in this sandbox: the base interpreter
+        (a virtual environment's may live anywhere, e.g. under /tmp, which the sandbox
+        replaces; the script needs the standard library only)."""
+        if not self.bwrap:
+            return [sys.executable, "-I", str(SCRIPT)]
+        return [BASE_PYTHON, "-I", _SCRIPT_INSIDE]
 
     @contextlib.contextmanager
     def run(
@@ -267,17 +273,18 @@ class Sandbox:
                 args += ["--symlink", os.readlink(path), path]
             elif os.path.isdir(path):
                 args += ["--ro-bind", path, path]
-        prefixes = {p for p in {sys.base_prefix, sys.prefix} if p != "/usr" and p[:5] != "/usr/"}
-        binds = [(prefix, prefix) for prefix in sorted(prefixes)]
+        # The only writable places, each a size-bounded tmpfs; / and /dev are read-only, so
+        # they are no unbounded RAM disk either. Mounted before the binds, so a bind below
+        # /tmp (an interpreter installed there) stays visible.
+        for tmpfs, size in [("/tmp", limits.tmp_bytes), ("/dev/shm", _SHM_BYTES)]:
+            args += ["--size", str(size)] if "--size" in self.options else []
+            args += ["--perms", "1777", "--tmpfs", tmpfs]
+        prefix = sys.base_prefix
+        binds = [] if prefix == "/usr" or prefix.startswith("/usr/") else [(prefix, prefix)]
         for source, target in [*binds, (str(SCRIPT), _SCRIPT_INSIDE)]:
             for parent in reversed(Path(target).parents[:-1]):  # bwrap would copy 0700 /root
                 args += ["--perms", "0755", "--dir", str(parent)]
             args += ["--ro-bind", source, target]
-        # The only writable places, each a size-bounded tmpfs; / and /dev are read-only, so
-        # they are no unbounded RAM disk either.
-        for tmpfs, size in [("/tmp", limits.tmp_bytes), ("/dev/shm", _SHM_BYTES)]:
-            args += ["--size", str(size)] if "--size" in self.options else []
-            args += ["--perms", "1777", "--tmpfs", tmpfs]
         args += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp"]
         return [*args, "--", *argv]
 
