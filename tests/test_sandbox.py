@@ -466,7 +466,8 @@ def test_fails_closed_without_user_namespaces():
         "    print(error)\n"
     )
     command = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    command += ["--tmpfs", "/tmp", "--unshare-user", "--unshare-pid", "--disable-userns"]
+    # /tmp stays the host's: the interpreter and this checkout may live there (a CI clone)
+    command += ["--bind", "/tmp", "/tmp", "--unshare-user", "--unshare-pid", "--disable-userns"]
     result = subprocess.run(
         [*command, "--", sys.executable, "-I", "-c", check], capture_output=True, text=True
     )
