@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import distinct_chars, make_cfg
 
 from grpo.algorithms import build_algorithm
 from grpo.algorithms.objective import policy_loss
@@ -144,25 +145,8 @@ def test_plain_rewards_get_strings(tag_model_dir, tmp_path):
     check_logged_rewards(tag_model_dir, calls, logged, rows, PLAIN, lambda text: text)
 
 
-def distinct_chars(prompts, completions, **kwargs):
-    return [len(set(c)) / 8 for c in completions]
-
-
 def kl_cfg(model_dir, out, *extra):
-    return build_config(
-        overrides=[
-            f"model.name_or_path={model_dir}",
-            f"run.output_dir={out}",
-            "run.progress=false",
-            "data.num_train_prompts=40",
-            "rollout.prompts_per_step=2",
-            "rollout.num_generations=4",
-            "rollout.max_completion_length=8",
-            "optim.learning_rate=0.01",
-            "algorithm.beta=1",
-            *extra,
-        ]
-    )
+    return make_cfg(model_dir, out, "algorithm.beta=1", *extra)
 
 
 def test_bias_corrected_kl_through_the_trainer(tiny_model_dir, tmp_path):
