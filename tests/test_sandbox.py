@@ -386,9 +386,11 @@ def test_memory_bomb_across_processes_is_bounded(isolation):
             if os.read(read, 1) == b'1' and os.waitpid(pid, os.WNOHANG) == (0, 0):
                 holding += 1
     """
-    # a cgroup bounds all processes together; without one, each process is bounded
+    # a cgroup bounds all processes together; without one, each process is bounded. Which
+    # process the OOM killer takes is the kernel's choice, so how many hold is not asserted
+    # from below: unbounded, all 6 would hold 384 MiB and the test fails.
     bound = limit if isolation.cgroups is not None else limit * DEFAULT_PROCESSES
-    tests = [f"assert 1 <= holding and holding * {chunk} <= {bound}"]
+    tests = [f"assert holding * {chunk} <= {bound}"]
     assert score(code, tests, memory_bytes=limit) == 1.0
 
 
