@@ -136,6 +136,19 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 """Where LoRA adapters go in ``lora_rank`` workloads (alpha = 2 * rank, no dropout)."""
 
 
+def model_sizes(workload: Workload) -> dict:
+    """The workload's architecture and sizes, as ``build_tiny_model`` takes them."""
+    w = workload
+    return {
+        "arch": w.arch,
+        "hidden_size": w.hidden_size,
+        "num_layers": w.num_layers,
+        "num_heads": w.num_heads,
+        "intermediate_size": w.intermediate_size,
+        "max_position_embeddings": w.max_position_embeddings,
+    }
+
+
 def prepare_workdir(workload: Workload, workdir: Path, seed: int) -> dict:
     """Create the model directory and the prompt file both sides load; return their paths."""
     from grpo.hf import load_model_and_tokenizer
@@ -143,15 +156,7 @@ def prepare_workdir(workload: Workload, workdir: Path, seed: int) -> dict:
 
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = init_model_dir(
-        workdir / "model",
-        arch=workload.arch,
-        vocab_size=workload.vocab_size,
-        hidden_size=workload.hidden_size,
-        num_layers=workload.num_layers,
-        num_heads=workload.num_heads,
-        intermediate_size=workload.intermediate_size,
-        max_position_embeddings=workload.max_position_embeddings,
-        seed=seed,
+        workdir / "model", vocab_size=workload.vocab_size, seed=seed, **model_sizes(workload)
     )
     model, tokenizer = load_model_and_tokenizer(model_dir)
     prompts = make_prompts(workload, seed)

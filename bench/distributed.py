@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULT_MARKER, WORKLOADS, make_prompts
+from common import RESULT_MARKER, WORKLOADS, make_prompts, model_sizes
 
 from grpo.distributed import gathered_parameters, wrap
 from grpo.modeling import build_char_tokenizer, build_tiny_model
@@ -74,15 +74,7 @@ def main() -> None:
     w = WORKLOADS[args.config]
     runtime = Runtime.from_settings("cpu")
     tok = build_char_tokenizer()
-    model = build_tiny_model(
-        tok,
-        hidden_size=w.hidden_size,
-        num_layers=w.num_layers,
-        num_heads=w.num_heads,
-        intermediate_size=w.intermediate_size,
-        max_position_embeddings=w.max_position_embeddings,
-        seed=args.seed,
-    )
+    model = build_tiny_model(tok, seed=args.seed, **model_sizes(w))
     params_total = sum(p.numel() for p in model.parameters())
     model = wrap(model, "fsdp", runtime)
     per_rank = w.prompts_per_step // runtime.world_size

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULT_MARKER, WORKLOADS, peak_rss_mb
+from common import RESULT_MARKER, WORKLOADS, model_sizes, peak_rss_mb
 
 
 def _batch(w, vocab: int, seed: int):
@@ -50,16 +50,7 @@ def run_child(mode: str, w, args) -> dict:
 
     torch.set_num_threads(args.threads)
     tok = build_char_tokenizer(vocab_size=w.vocab_size)
-    model = build_tiny_model(
-        tok,
-        arch=w.arch,
-        hidden_size=w.hidden_size,
-        num_layers=w.num_layers,
-        num_heads=w.num_heads,
-        intermediate_size=w.intermediate_size,
-        max_position_embeddings=w.max_position_embeddings,
-        seed=args.seed,
-    ).train()
+    model = build_tiny_model(tok, seed=args.seed, **model_sizes(w)).train()
     ids, mask, t = _batch(w, len(tok), args.seed)
     weights = mask[:, -t:].float()  # [N, T]
 
