@@ -370,7 +370,7 @@ def shared_prefix_outputs(
     p = input_ids.shape[1] - t
     _, counts = torch.unique_consecutive(group_ids, return_counts=True)  # [b]
     first = torch.cumsum(counts, 0) - counts  # [b] first row of each group
-    row_group = torch.repeat_interleave(torch.arange(len(counts)), counts)  # [n]
+    row_group = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
     prompt_mask = attention_mask[first, :p]  # [b, P]
     out = model(
         input_ids=input_ids[first, :p],

@@ -138,10 +138,14 @@ class Runtime:
     # ------------------------------------------------------------------ collectives
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """``x`` summed (or ``max``/``min``) over processes, in place and returned; the
-        identity in a single process."""
+        identity in a single process. A CPU tensor travels through this process's device
+        (NCCL reduces CUDA tensors only)."""
         if self.distributed:
             ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-            dist.all_reduce(x, op=ops[op])
+            on_device = x.to(self.device)
+            dist.all_reduce(on_device, op=ops[op])
+            if on_device is not x:
+                x.copy_(on_device)
         return x
 
     def gather_objects(self, obj: Any) -> list[Any]:

@@ -312,7 +312,8 @@ class GRPOTrainer:
             )
         merged = Scored.concat(kept, self.sampling.pad_token_id)
         if merged.num_groups > min(have, b):  # every process trains on as many groups
-            merged = merged.select(torch.arange(merged.num_groups) < min(have, b))
+            order = torch.arange(merged.num_groups, device=merged.rewards.device)  # [B']
+            merged = merged.select(order < min(have, b))
         metrics["dynamic_sampling/groups_kept"] = min(have, b)
         return merged, metrics
 
