@@ -375,6 +375,11 @@ class DistributedConfig(_Section):
                 "algorithm.name = 'ppo': the critic trains on one process only; use grpo or "
                 "rloo under torchrun, or launch one process"
             )
+        if world_size > 1 and cfg.model.lora is not None and self.strategy == "fsdp":
+            raise ConfigError(
+                "distributed.strategy = 'fsdp' with model.lora: LoRA trains under "
+                "distributed.strategy = 'ddp' (the frozen base is not sharded); use ddp"
+            )
 
 
 class Config(_Section):

@@ -41,6 +41,7 @@ from torch import nn
 
 from grpo.advantages import group_advantages
 from grpo.hf import unwrap
+from grpo.logprobs import LogpModule
 from grpo.losses import Normaliser
 from grpo.runtime import Runtime
 
@@ -66,8 +67,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def wrap(model: nn.Module, strategy: str, runtime: Runtime, trained: bool = True) -> nn.Module:
-    """The module the training step calls: ``model`` itself in one process; DDP or FSDP2
-    (``fully_shard`` per decoder layer, then at the root) over several.
+    """The module the log-prob passes call: ``model`` itself in one process; over several,
+    DDP over a ``LogpModule`` of it, or FSDP2 (``fully_shard`` per decoder layer, then at a
+    ``LogpModule`` of it as the root), so that their hooks run around the transformer
+    body and the chunked LM head together.
 
     A frozen model (``trained=False``, the reference) is never DDP-wrapped (it has no
     gradients to average) but is sharded under FSDP2 like the policy, so it costs 1/N of
@@ -84,8 +87,11 @@ def wrap(model: nn.Module, strategy: str, runtime: Runtime, trained: bool = True
         mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model
+        root = fully_shard(LogpModule(model), mesh=mesh)
+        # FSDP2 makes the first unit to run forward its root; generation and evaluation
+        # call the causal LM inside the wrapper, whose layers must not claim that role
+        fully_shard.state(root)._lazy_init()
+        return root
     if not trained:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -93,7 +99,17 @@ def wrap(model: nn.Module, strategy: str, runtime: Runtime, trained: bool = True
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     # forward_sync_buffers=False: buffers (RoPE frequencies) never change, and syncing
     # them at every forward would make forward calls collectives
-    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(
+        LogpModule(model), device_ids=ids, forward_sync_buffers=False
+    )
+
+
+def stateful(model: nn.Module) -> nn.Module:
+    """The model under DDP and ``LogpModule`` (a PEFT model stays one): the module whose
+    state dict a checkpoint holds, under the keys of the model as loaded."""
+    while isinstance(model, LogpModule) or isinstance(getattr(model, "module", None), LogpModule):
+        model = model.module
+    return model
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -111,17 +127,18 @@ def _sharded_modules(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def gathered_parameters(model: nn.Module) -> Iterator[nn.Module]:
     """Full weights on every rank for the length of the block (FSDP2), so generation's
-    decode loop runs without collectives; resharded on exit. Yields the module to call:
-    under DDP the unwrapped model (generation needs no gradient synchronisation)."""
+    decode loop runs without collectives; resharded on exit. Yields the causal LM to call
+    (under every wrapper but PEFT's: generation needs no gradient synchronisation, and the
+    gathered weights need no hook)."""
     units = _sharded_modules(model)
     if not units:
-        yield unwrap(model)
+        yield stateful(model)
         return
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
     try:
-        yield model
+        yield stateful(model)
     finally:
         for unit in units:
             unit.reshard()
@@ -207,7 +224,7 @@ def global_sum(value: float, runtime: Runtime) -> float:
 def same_weights(a: nn.Module, b: nn.Module, runtime: Runtime) -> bool:
     """Whether two models, sharded alike or whole, hold bitwise-equal weights on every rank
     (each rank compares its own shards)."""
-    sa, sb = a.state_dict(), b.state_dict()
+    sa, sb = stateful(a).state_dict(), stateful(b).state_dict()
 
     def local(x: torch.Tensor) -> torch.Tensor:
         return x.to_local() if hasattr(x, "to_local") else x
@@ -283,10 +300,10 @@ def save_sharded(
 def _dcp_state(model, optimizer, reference) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(stateful(model), optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     if reference is not None:
-        state["reference"] = get_model_state_dict(reference)
+        state["reference"] = get_model_state_dict(stateful(reference))
     return state
 
 
@@ -313,10 +330,13 @@ def load_sharded(
     state = _dcp_state(model, optimizer, reference)
     dcp.load(state, checkpoint_id=directory / SHARDED_DIR)
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        stateful(model),
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
     )
     if reference is not None:
-        set_model_state_dict(reference, state["reference"])
+        set_model_state_dict(stateful(reference), state["reference"])
     return torch.load(mine, weights_only=True)  # tensors and plain values only
 
 
@@ -326,7 +346,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    return get_model_state_dict(stateful(model), options=options)
 
 
 def save_full(directory: str | Path, model: nn.Module, tokenizer, runtime: Runtime) -> None:

@@ -267,15 +267,6 @@ def completion_logp(
         that the completion mask must remove.
     """
     targets = input_ids[:, -completion_length:]  # [N, T]
-    if runs_whole(model):
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),  # [N, P + T]
-            use_cache=False,
-            **keep_last(model, completion_length + 1),
-        ).logits[:, -completion_length - 1 : -1]  # [N, T, V]
-        return _logits_logp(logits, targets, temperature, with_entropy)
     backbone, head = split_causal_lm(model)
     hidden = backbone(
         input_ids=input_ids,
@@ -286,28 +277,6 @@ def completion_logp(
     # the hidden state at position t scores completion token t
     hidden = hidden[:, -completion_length - 1 : -1]  # [N, T, H]
     return head_logp(hidden, head, targets, temperature, with_entropy)
-
-
-def runs_whole(model: torch.nn.Module) -> bool:
-    """Whether ``model`` must be called through its top-level forward: DDP all-reduces
-    gradients and FSDP2 gathers weights in hooks of that forward, so there the log-probs
-    come from the model's own logits (``logits_to_keep`` positions), not the chunked head
-    run on the transformer body."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.nn.parallel import DistributedDataParallel
-
-    return isinstance(model, DistributedDataParallel) or isinstance(unwrap(model), FSDPModule)
-
-
-def _logits_logp(
-    logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool
-) -> tuple[Tensor, Tensor | None]:
-    logp = token_logp(logits, targets, temperature)  # [N, T]
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = token_entropy(logits, temperature)  # [N, T]
-    return logp, entropy
 
 
 def shared_prefix_logp(
@@ -327,11 +296,6 @@ def shared_prefix_logp(
         group_ids: ``[n]`` which prompt each row answers (equal ids share a prompt).
     """
     targets = input_ids[:, -completion_length:]  # [n, T]
-    if runs_whole(model):
-        logits = shared_prefix_outputs(
-            model, input_ids, attention_mask, completion_length, group_ids
-        )
-        return _logits_logp(logits, targets, temperature, with_entropy)  # from [n, T, V]
     backbone, head = split_causal_lm(model)
     hidden = shared_prefix_outputs(
         backbone, input_ids, attention_mask, completion_length, group_ids
@@ -397,6 +361,63 @@ def shared_prefix_outputs(
     last, rest = main_output(out), main_output(rest)
     # the prompt's last position scores completion token 0; completion position t, token t+1
     return torch.cat([last[row_group, -1:], rest[:, :-1]], dim=1)  # [n, T, ...]
+
+
+def forward_logp(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_length: int,
+    group_ids: Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """One log-prob pass: ``shared_prefix_logp`` where ``group_ids`` is given, else
+    ``completion_logp``. A ``LogpModule`` (or DDP over one) is called through its own
+    forward, so that the hooks of DDP and FSDP2 run around the whole pass."""
+    args = (input_ids, attention_mask, completion_length, group_ids, temperature, with_entropy)
+    if isinstance(model, LogpModule) or isinstance(getattr(model, "module", None), LogpModule):
+        return model(*args)
+    if group_ids is not None:
+        return shared_prefix_logp(model, *args)
+    return completion_logp(model, *args[:3], temperature=temperature, with_entropy=with_entropy)
+
+
+class LogpModule(torch.nn.Module):
+    """The log-prob pass (transformer body, then ``head_logp`` over chunks of positions) as
+    the ``forward`` of a module, for the wrappers that work in forward hooks.
+
+    DDP all-reduces gradients, and FSDP2 gathers the weights of its root unit (embeddings,
+    final norm, LM head) and reduce-scatters their gradients, only around the wrapped
+    module's own forward. Under ``torchrun`` they wrap this module
+    (``grpo.distributed.wrap``), so the whole pass runs inside their hooks and, as in one
+    process, no ``[N, T, V]`` logits exist. ``module`` is the causal LM (a PEFT model
+    too); ``grpo.hf.unwrap`` reaches it, and generation calls it directly.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = model
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        completion_length: int,
+        group_ids: Tensor | None = None,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``forward_logp`` of the causal LM: ``(logp [N, T], entropy [N, T] or None)``."""
+        return forward_logp(
+            self.module,
+            input_ids,
+            attention_mask,
+            completion_length,
+            group_ids,
+            temperature,
+            with_entropy,
+        )
 
 
 CALL_POSITIONS = 96
@@ -477,10 +498,15 @@ def batch_logp(
         whole = [torch.arange(batch.num_completions)]
         chunks = split_to(chunks or whole, agree(len(chunks) or 1))
     if len(chunks) <= 1:
-        args = (model, batch.input_ids, batch.attention_mask, batch.completion_length)
-        if share_prompt and batch.group_ids is not None:
-            return shared_prefix_logp(*args, batch.group_ids, temperature, with_entropy)
-        return completion_logp(*args, temperature=temperature, with_entropy=with_entropy)
+        return forward_logp(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.completion_length,
+            batch.group_ids if share_prompt else None,
+            temperature,
+            with_entropy,
+        )
     t, p = batch.completion_length, batch.input_ids.shape[1] - batch.completion_length
     logp_parts, entropy_parts = [], []
     for rows in chunks:

@@ -197,7 +197,13 @@ class AdaptersOffReference:
 
     @property
     def module(self) -> torch.nn.Module:
+        """What the log-prob pass calls: the policy's (under DDP, its wrapping)."""
         return self.policy.module
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The policy's PEFT model, whose adapters are switched off."""
+        return self.policy.model
 
     def distribute(self, strategy: str) -> None:
         """Nothing to wrap: the policy's module is the reference's."""
@@ -210,25 +216,27 @@ class AdaptersOffReference:
 
     def logp(self, batch, micro_size: int) -> torch.Tensor:
         """Log-probs ``[N, T]`` of a whole batch under the base weights, no gradient, in
-        eval mode (so that ``model.lora.dropout`` or any dropout left on stays off)."""
-        was_training = self.module.training
-        self.module.eval()
+        eval mode (so that ``model.lora.dropout`` or any dropout left on stays off). Under
+        DDP the pass runs through the wrapper without gradient, so no adapter is expected
+        to receive one."""
+        was_training = self.model.training
+        self.model.eval()
         try:
-            with adapters_off(self.module):
+            with adapters_off(self.model):
                 return self.policy.logp_no_grad(batch, micro_size)
         finally:
-            self.module.train(was_training)
+            self.model.train(was_training)
 
     def reset_to(self, policy, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Iterative RL under LoRA: merge the adapters into the base and start fresh ones
         (``merge_and_restart``), so the reference becomes the current policy."""
-        merge_and_restart(policy.module, optimizer)
+        merge_and_restart(policy.model, optimizer)
 
     def save(self, directory: str | Path) -> None:
         """Write the base weights (they move at every ``reset_to``)."""
-        save_base(self.module, directory)
+        save_base(self.model, directory)
 
     save_pretrained = save  # what ``checkpoint.save_checkpoint`` calls
 
     def load(self, directory: str | Path) -> None:
-        load_base(self.module, directory)
+        load_base(self.model, directory)

@@ -79,22 +79,24 @@ def load_weights(module: torch.nn.Module, directory: str | Path) -> None:
 
 
 class Policy:
-    """The trained causal LM on the runtime's device; ``module`` may be a wrapper (the
-    transformers model is ``base``)."""
+    """The trained causal LM on the runtime's device. ``model`` is it as loaded (a PEFT
+    model under LoRA; the transformers model is ``base``), ``module`` what the log-prob
+    passes call: ``model`` itself in one process, its DDP or FSDP2 wrapping under
+    torchrun."""
 
     def __init__(self, module: torch.nn.Module, runtime: Runtime, settings: LogpSettings):
-        self.module = module.to(runtime.device)
+        self.model = self.module = module.to(runtime.device)
         self.runtime, self.settings = runtime, settings
         self.agree = None  # forward calls agreed between processes (FSDP2), see distribute
 
     def distribute(self, strategy: str) -> None:
         """Wrap the module for ``torchrun``'s processes (DDP or FSDP2; a no-op in one)."""
-        if self.lora and self.runtime.distributed:
+        if self.lora and self.runtime.distributed and strategy == "fsdp":
             raise ValueError(
-                f"model.lora under torchrun (distributed.strategy={strategy!r}) is not "
-                "supported yet: train LoRA in one process, or remove model.lora"
+                "model.lora with distributed.strategy='fsdp' is not supported: use "
+                "distributed.strategy='ddp' (the adapters are small; the base is frozen)"
             )
-        self.module = distributed.wrap(self.module, strategy, self.runtime)
+        self.module = distributed.wrap(self.model, strategy, self.runtime)
         self.agree = distributed.agreed_calls(self.module, self.runtime)
 
     def gathered(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
@@ -104,7 +106,7 @@ class Policy:
     @property
     def base(self) -> torch.nn.Module:
         """The transformers model under any wrapper (what ``save_pretrained`` writes)."""
-        return unwrap(self.module)
+        return unwrap(self.model)
 
     def logp(self, batch: Batch, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         """Log-probs (and entropies) ``[n, T]`` of one micro-batch, with gradient."""
@@ -133,16 +135,18 @@ class Policy:
     @property
     def lora(self) -> bool:
         """Whether only LoRA adapters are trained (``model.lora``, or a PEFT model given)."""
-        return lora.is_lora(self.module)
+        return lora.is_lora(self.model)
 
     def save(self, directory: str | Path) -> None:
         """The whole model in ``save_pretrained`` form (under torchrun every process calls
         this; the weights are gathered and rank 0 writes). Under LoRA: the adapters merged
         into the base (``from_pretrained`` loads it without PEFT), and the adapter itself
-        in ``directory/adapter``."""
+        in ``directory/adapter`` (DDP holds a full copy on every rank: rank 0 writes)."""
         if self.lora:
-            lora.save_merged(self.module, directory)
-            self.module.save_pretrained(Path(directory) / "adapter")
+            if self.runtime.is_main:
+                lora.save_merged(self.model, directory)
+                self.model.save_pretrained(Path(directory) / "adapter")
+            self.runtime.barrier()
         elif self.runtime.distributed:
             distributed.save_full(directory, self.module, None, self.runtime)
         else:
@@ -151,12 +155,12 @@ class Policy:
     def save_pretrained(self, directory: str | Path) -> None:
         """The checkpoint form (``checkpoint.save_checkpoint`` calls it): all weights, or
         under LoRA only the adapter (PEFT's files)."""
-        (self.module if self.lora else self.base).save_pretrained(directory)
+        (self.model if self.lora else self.base).save_pretrained(directory)
 
     def load(self, directory: str | Path) -> None:
         """Load what ``save_pretrained`` wrote."""
         if self.lora:
-            lora.load_adapter_weights(self.module, directory)
+            lora.load_adapter_weights(self.model, directory)
         else:
             load_weights(self.base, directory)
 
@@ -229,12 +233,12 @@ class Reference:
         """Copy the policy's current weights into the reference (``optimizer`` is for the
         adapters-off reference, which restarts the adapters' moments)."""
         if policy.lora:
-            own = self.module.state_dict()
+            own = self.base.state_dict()
             with torch.no_grad():  # the reference is a plain model: take the merged weights
-                for key, value in lora.merged_state_dict(policy.module).items():
+                for key, value in lora.merged_state_dict(policy.model).items():
                     own[key].copy_(value)
             return
-        self.module.load_state_dict(policy.base.state_dict())
+        self.base.load_state_dict(policy.base.state_dict())
         self.equals_policy = True
 
     def policy_stepped(self) -> None:
@@ -243,12 +247,17 @@ class Reference:
 
     def compare_to(self, policy: Policy) -> None:
         """Find out whether the weights are equal (one pass over them, after loading)."""
-        self.equals_policy = same_weights(self.module, policy.base)
+        self.equals_policy = same_weights(self.base, policy.base)
+
+    @property
+    def base(self) -> torch.nn.Module:
+        """The transformers model under any wrapper."""
+        return unwrap(self.module)
 
     def save(self, directory: str | Path) -> None:
-        self.module.save_pretrained(directory)
+        self.base.save_pretrained(directory)
 
     save_pretrained = save  # what ``checkpoint.save_checkpoint`` calls
 
     def load(self, directory: str | Path) -> None:
-        load_weights(self.module, directory)
+        load_weights(self.base, directory)
