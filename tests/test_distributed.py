@@ -33,6 +33,7 @@ from grpo.distributed import (
     synced_micro_batches,
     wrap,
 )
+from grpo.hf import unwrap
 from grpo.logprobs import batch_logp, batched_logp
 from grpo.losses import LOSS_TYPES
 from grpo.modeling import init_model_dir
@@ -80,8 +81,19 @@ def config(loss_type: str) -> Config:
     )
 
 
+def head_calls(*models) -> list[int]:
+    """A counter of calls to the models' output layers: a log-prob pass that made
+    ``[N, T, V]`` logits would call one, the chunked head (``head_logp``) never does."""
+    calls = []
+    for model in models:
+        head = unwrap(model).get_output_embeddings()
+        head.register_forward_hook(lambda module, args, out: calls.append(out.shape[-1]))
+    return calls
+
+
 def one_update(model_dir, ref_dir, strategy: str, loss_type: str) -> dict:
-    """One optimizer step on this rank's share of ``global_batch()``; the full weights."""
+    """One optimizer step on this rank's share of ``global_batch()``; the full weights,
+    and the calls that the log-prob passes made to an LM head module."""
     from transformers import AutoModelForCausalLM
 
     runtime = Runtime.from_settings("cpu")
@@ -94,6 +106,7 @@ def one_update(model_dir, ref_dir, strategy: str, loss_type: str) -> dict:
     policy = wrap(AutoModelForCausalLM.from_pretrained(model_dir), strategy, runtime)
     ref = AutoModelForCausalLM.from_pretrained(ref_dir).eval().requires_grad_(False)
     ref = wrap(ref, strategy, runtime, trained=False)
+    calls = head_calls(policy, ref)
     local.ref_logp = batched_logp(ref, local, MICRO, 1.0, agree=agreed_calls(ref, runtime))
     adv = global_group_advantages(rewards, "batch", cfg.algorithm.advantage_eps, runtime)
     local.advantages = expand_to_tokens(adv, local.completion_mask)  # [N, T]
@@ -110,7 +123,7 @@ def one_update(model_dir, ref_dir, strategy: str, loss_type: str) -> dict:
             (out.loss * loss_scale(runtime)).backward()
     grad_norm = clip_grad_norm(policy, cfg.optim.max_grad_norm)
     optimizer.step()
-    return {"weights": full_state_dict(policy), "grad_norm": grad_norm}
+    return {"weights": full_state_dict(policy), "grad_norm": grad_norm, "head_calls": calls}
 
 
 def checkpoint_round_trip(model_dir, out_dir, strategy: str) -> dict:
@@ -200,6 +213,9 @@ def test_two_processes_update_like_one(dirs, two_processes, strategy, loss_type)
     two = two_processes[0][0]["updates"][(strategy, loss_type)]
     start = AutoModelForCausalLM.from_pretrained(dirs[0]).state_dict()
     assert one["grad_norm"] > 0.1  # the clip is active: the global norm matters
+    # no [N, T, V] logits on any rank either: the wrapped passes ran the chunked head
+    per_rank = [r["updates"][(strategy, loss_type)]["head_calls"] for r in two_processes[0]]
+    assert one["head_calls"] == [] and per_rank == [[], []]
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-6)
     assert two["weights"].keys() == one["weights"].keys()
     for name, w in one["weights"].items():
@@ -233,6 +249,7 @@ def test_checkpoint_restores_weights_optimizer_and_rank_state(two_processes, str
         (2, ["optim.num_minibatches=4"], r"times optim.num_minibatches = 4"),
         (2, ["distributed.world_size=4"], r"distributed.world_size = 4: the run was launched on 2"),
         (2, ["algorithm.name=ppo"], r"algorithm.name = 'ppo'"),
+        (2, ["model.lora={}", "distributed.strategy=fsdp"], r"strategy = 'fsdp' with model.lora"),
     ],
 )
 def test_a_launch_that_cannot_split_the_batch_stops_first(world_size, overrides, match):

@@ -35,6 +35,9 @@ KEYED = {
 }
 """A run of the prompt-keyed engine: batch std, a reference, two micro-batches per rank."""
 
+LORA = {"lora": {"rank": 4, "alpha": 8}}
+"""Adapters on every linear layer but the LM head; the reference is the adapters-off policy."""
+
 REAL = {
     "data": {"num_train_prompts": 40},
     "rollout": {"prompts_per_step": 4, "num_generations": 4, "max_completion_length": 8},
@@ -87,14 +90,35 @@ def config(model_dir, out, base: dict, **sections) -> object:
     return build_config(tree)
 
 
-def keyed_run(model_dir, out, strategy: str) -> None:
-    cfg = config(model_dir, out, KEYED, distributed={"strategy": strategy})
+def keyed_run(model_dir, out, strategy: str, **sections) -> None:
+    cfg = config(model_dir, out, KEYED, distributed={"strategy": strategy}, **sections)
     GRPOTrainer(cfg, reward_functions=[distinct_chars], engine=PromptKeyedEngine()).train()
+
+
+def lora_reset_runs(model_dir, root: Path) -> None:
+    """LoRA under DDP with the reference reset after every step (a merge and a fresh
+    adapter whose AdamW moments are dropped): 2 straight steps, and 1 step, a checkpoint,
+    a resume from it in a new trainer and 1 more step."""
+
+    def trainer(out: Path, steps: int) -> GRPOTrainer:
+        cfg = config(
+            model_dir, out, KEYED, model=LORA, algorithm={"ref_reset_every": 1},
+            optim={"max_steps": steps}, run={"save_every": 1},
+        )  # fmt: skip
+        return GRPOTrainer(cfg, reward_functions=[distinct_chars], engine=PromptKeyedEngine())
+
+    trainer(root / "lora-reset", 2).train()
+    trainer(root / "lora-cut", 1).train()
+    resumed = trainer(root / "lora-cut", 2)
+    assert resumed.resume() == 1
+    resumed.train()
 
 
 def two_process_runs(model_dir, root: Path) -> None:
     for strategy in ("ddp", "fsdp"):
         keyed_run(model_dir, root / strategy, strategy)
+    keyed_run(model_dir, root / "lora-ddp", "ddp", model=LORA)
+    lora_reset_runs(model_dir, root)
     GRPOTrainer(
         config(model_dir, root / "straight", REAL), reward_functions=[distinct_chars]
     ).train()
@@ -105,6 +129,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     run_ranks(two_process_runs, 2, root, tiny_model_dir, root)
     keyed_run(tiny_model_dir, root / "one", "ddp")  # one process: no wrapping at all
+    keyed_run(tiny_model_dir, root / "lora-one", "ddp", model=LORA)
     return root
 
 
@@ -121,21 +146,43 @@ def assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_train_like_one(runs, strategy):
-    assert_same_weights(runs / strategy / "final", runs / "one" / "final")
-    one, two = (
-        read_jsonl(runs / "one" / "metrics.jsonl"),
-        read_jsonl(runs / strategy / "metrics.jsonl"),
-    )
+def assert_same_metrics(one_run: Path, two_run: Path) -> None:
+    one, two = read_jsonl(one_run / "metrics.jsonl"), read_jsonl(two_run / "metrics.jsonl")
     assert [r["step"] for r in two] == [1, 2]  # one writer: each step once
     assert [r["world_size"] for r in one + two] == [1, 1, 2, 2]
     for a, b in zip(one, two, strict=True):
         for key in ("reward", "reward_std", "loss", "kl", "entropy", "grad_norm",
                     "completions/mean_length", "completions/max_length"):  # fmt: skip
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_like_one(runs, strategy):
+    assert_same_weights(runs / strategy / "final", runs / "one" / "final")
+    assert_same_metrics(runs / "one", runs / strategy)
     saved = yaml.safe_load((runs / strategy / "config.yaml").read_text())
     assert saved["distributed"] == {"strategy": strategy, "world_size": 2}
+
+
+def test_lora_under_ddp_trains_like_one_process(runs):
+    from safetensors.torch import load_file
+
+    one, two = (
+        load_file(runs / run / "final" / "adapter" / "adapter_model.safetensors")
+        for run in ("lora-one", "lora-ddp")
+    )
+    assert one.keys() == two.keys()
+    assert all(torch.count_nonzero(w) for k, w in one.items() if "lora_B" in k)  # B left 0
+    for name, w in one.items():
+        torch.testing.assert_close(two[name], w, rtol=0, atol=1e-6)
+    # final/ is the merged model, loaded by from_pretrained without PEFT
+    assert_same_weights(runs / "lora-ddp" / "final", runs / "lora-one" / "final")
+    assert_same_metrics(runs / "lora-one", runs / "lora-ddp")
+
+
+def test_lora_under_ddp_resumes_exactly_after_a_reference_reset(runs):
+    # the step-1 checkpoint holds no moments for the fresh adapter; they stay absent
+    assert_same_weights(runs / "lora-cut" / "final", runs / "lora-reset" / "final")
 
 
 KILLER = '''

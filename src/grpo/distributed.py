@@ -99,9 +99,7 @@ def wrap(model: nn.Module, strategy: str, runtime: Runtime, trained: bool = True
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     # forward_sync_buffers=False: buffers (RoPE frequencies) never change, and syncing
     # them at every forward would make forward calls collectives
-    return DistributedDataParallel(
-        LogpModule(model), device_ids=ids, forward_sync_buffers=False
-    )
+    return DistributedDataParallel(LogpModule(model), device_ids=ids, forward_sync_buffers=False)
 
 
 def stateful(model: nn.Module) -> nn.Module:
@@ -328,6 +326,14 @@ def load_sharded(
             f"world size {runtime.world_size}: resume on the same number of processes"
         )
     state = _dcp_state(model, optimizer, reference)
+    saved = dcp.FileSystemReader(directory / SHARDED_DIR).read_metadata().state_dict_metadata
+    # moments that a LoRA restart dropped (lora.merge_and_restart) were not saved: a fresh
+    # optimizer's placeholders for them are left out, so they stay absent after loading
+    moments = state["optimizer"]["state"]
+    for fqn in [
+        f for f, m in moments.items() if any(f"optimizer.state.{f}.{k}" not in saved for k in m)
+    ]:
+        del moments[fqn]
     dcp.load(state, checkpoint_id=directory / SHARDED_DIR)
     set_state_dict(
         stateful(model),

@@ -229,8 +229,12 @@ class AdaptersOffReference:
 
     def reset_to(self, policy, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Iterative RL under LoRA: merge the adapters into the base and start fresh ones
-        (``merge_and_restart``), so the reference becomes the current policy."""
+        (``merge_and_restart``), so the reference becomes the current policy. Under DDP
+        every rank takes rank 0's fresh adapters: the replicas must stay equal."""
         merge_and_restart(policy.model, optimizer)
+        with torch.no_grad():
+            for p in policy.trainable_parameters():
+                policy.runtime.broadcast(p)
 
     def save(self, directory: str | Path) -> None:
         """Write the base weights (they move at every ``reset_to``)."""

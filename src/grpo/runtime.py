@@ -148,6 +148,13 @@ class Runtime:
                 x.copy_(on_device)
         return x
 
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """``x`` overwritten in place with rank ``src``'s values (returned); the identity in
+        a single process."""
+        if self.distributed:
+            dist.broadcast(x, src=src)
+        return x
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every process's ``obj``, in rank order (``[obj]`` in a single process)."""
         if not self.distributed:
