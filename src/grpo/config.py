@@ -344,7 +344,8 @@ class DistributedConfig(_Section):
     """How ``torchrun``'s processes hold the policy: ``ddp`` (a full copy each, gradients
     all-reduced) or ``fsdp`` (FSDP2's ``fully_shard`` per decoder layer and at the root:
     weights, gradients and optimizer states split over the processes, for models that do
-    not fit one device; the reference is sharded the same way). One process ignores it."""
+    not fit one device; the reference is sharded the same way). ``model.lora`` needs
+    ``ddp``. One process ignores it."""
     world_size: int | None = Field(default=None, ge=1)
     """Processes of the run, recorded by the trainer from torchrun's environment (in the
     saved ``config.yaml``). Left empty, any number works; set, a launch with another number

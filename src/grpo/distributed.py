@@ -14,6 +14,14 @@ the ranks' losses sum to the one-process loss of the global batch. DDP and FSDP2
 advantage statistics (``scale_rewards: batch``) are computed on the gathered global
 rewards (``global_group_advantages``).
 
+DDP all-reduces gradients, and FSDP2 gathers weights and reduce-scatters gradients, in
+hooks of the wrapped module's forward; so they wrap a ``grpo.logprobs.LogpModule``, whose
+forward is the whole log-prob pass (transformer body, then the LM head over chunks of
+positions): no process makes ``[N, T, V]`` logits. Checkpoints and ``final/`` take the
+state dict of the model inside (``stateful``), under the keys of the model as loaded.
+LoRA trains under DDP (the adapters' gradients are all-reduced; the frozen base is a
+full copy on every rank), not FSDP2.
+
 Generation under FSDP2 (``gathered_parameters``): the decode loop runs on gathered
 full weights. Each sharded module is all-gathered once before the loop and resharded
 after it, so decoding costs one all-gather of the weights per generation round instead

@@ -7,7 +7,9 @@ fp32 logits per pass), so the training, old-policy and reference passes never ma
 the transformer returns its final hidden states, and ``head_logp`` runs the LM head over
 chunks of positions, keeping only ``logit[target] - logsumexp`` (and the entropy), and
 recomputes each chunk in the backward pass. ``token_logp``/``token_entropy`` do the same
-arithmetic on logits someone already has.
+arithmetic on logits someone already has. Under torchrun the pass is the forward of a
+``LogpModule``, which DDP and FSDP2 wrap (``grpo.distributed.wrap``), so their hooks run
+around the chunked head too.
 
 Shape letters (see ``grpo.types``): N completion rows, P prompt tokens (left-padded),
 T completion tokens (right-padded), V vocabulary.

@@ -14,6 +14,10 @@ On disk: a checkpoint holds the adapter (PEFT's ``adapter_model.safetensors`` an
 ``adapter_config.json``) and, once the base has moved, the base weights (``BASE_DIR``);
 the final model is the merged weights, loadable by ``from_pretrained`` without PEFT.
 A model path that is an adapter directory loads its base plus the adapter, merged.
+
+Under torchrun LoRA runs with DDP: every process holds the base and the adapters, DDP
+all-reduces the adapters' gradients, the adapters-off reference pass runs through the
+same wrapper without gradient, and rank 0 writes ``final/``.
 """
 
 from __future__ import annotations
