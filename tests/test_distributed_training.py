@@ -95,21 +95,20 @@ def keyed_run(model_dir, out, strategy: str, **sections) -> None:
     GRPOTrainer(cfg, reward_functions=[distinct_chars], engine=PromptKeyedEngine()).train()
 
 
-def lora_reset_runs(model_dir, root: Path) -> None:
-    """LoRA under DDP with the reference reset after every step (a merge and a fresh
-    adapter whose AdamW moments are dropped): 2 straight steps, and 1 step, a checkpoint,
-    a resume from it in a new trainer and 1 more step."""
+def resumed_run(model_dir, out: Path, strategy: str, **sections) -> None:
+    """``keyed_run``'s 2 steps as 1 step, a checkpoint, a resume from it in a new trainer,
+    and 1 more step."""
 
-    def trainer(out: Path, steps: int) -> GRPOTrainer:
+    def trainer(steps: int) -> GRPOTrainer:
+        optim, run = {"max_steps": steps}, {"save_every": 1}
         cfg = config(
-            model_dir, out, KEYED, model=LORA, algorithm={"ref_reset_every": 1},
-            optim={"max_steps": steps}, run={"save_every": 1},
+            model_dir, out, KEYED, distributed={"strategy": strategy}, optim=optim, run=run,
+            **sections,
         )  # fmt: skip
         return GRPOTrainer(cfg, reward_functions=[distinct_chars], engine=PromptKeyedEngine())
 
-    trainer(root / "lora-reset", 2).train()
-    trainer(root / "lora-cut", 1).train()
-    resumed = trainer(root / "lora-cut", 2)
+    trainer(1).train()
+    resumed = trainer(2)
     assert resumed.resume() == 1
     resumed.train()
 
@@ -117,8 +116,13 @@ def lora_reset_runs(model_dir, root: Path) -> None:
 def two_process_runs(model_dir, root: Path) -> None:
     for strategy in ("ddp", "fsdp"):
         keyed_run(model_dir, root / strategy, strategy)
-    keyed_run(model_dir, root / "lora-ddp", "ddp", model=LORA)
-    lora_reset_runs(model_dir, root)
+    for strategy in ("ddp", "fsdp"):
+        keyed_run(model_dir, root / f"lora-{strategy}", strategy, model=LORA)
+    resumed_run(model_dir, root / "lora-fsdp-resumed", "fsdp", model=LORA)
+    # the reference reset after every step: a merge, and a fresh adapter without moments
+    reset = {"model": LORA, "algorithm": {"ref_reset_every": 1}}
+    keyed_run(model_dir, root / "lora-reset", "ddp", **reset)
+    resumed_run(model_dir, root / "lora-reset-resumed", "ddp", **reset)
     GRPOTrainer(
         config(model_dir, root / "straight", REAL), reward_functions=[distinct_chars]
     ).train()
@@ -164,25 +168,29 @@ def test_two_processes_train_like_one(runs, strategy):
     assert saved["distributed"] == {"strategy": strategy, "world_size": 2}
 
 
-def test_lora_under_ddp_trains_like_one_process(runs):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_trains_like_one_process(runs, strategy):
     from safetensors.torch import load_file
 
     one, two = (
         load_file(runs / run / "final" / "adapter" / "adapter_model.safetensors")
-        for run in ("lora-one", "lora-ddp")
+        for run in ("lora-one", f"lora-{strategy}")
     )
     assert one.keys() == two.keys()
     assert all(torch.count_nonzero(w) for k, w in one.items() if "lora_B" in k)  # B left 0
     for name, w in one.items():
         torch.testing.assert_close(two[name], w, rtol=0, atol=1e-6)
     # final/ is the merged model, loaded by from_pretrained without PEFT
-    assert_same_weights(runs / "lora-ddp" / "final", runs / "lora-one" / "final")
-    assert_same_metrics(runs / "lora-one", runs / "lora-ddp")
+    assert_same_weights(runs / f"lora-{strategy}" / "final", runs / "lora-one" / "final")
+    assert_same_metrics(runs / "lora-one", runs / f"lora-{strategy}")
 
 
-def test_lora_under_ddp_resumes_exactly_after_a_reference_reset(runs):
-    # the step-1 checkpoint holds no moments for the fresh adapter; they stay absent
-    assert_same_weights(runs / "lora-cut" / "final", runs / "lora-reset" / "final")
+@pytest.mark.parametrize("run", ["lora-fsdp", "lora-reset"])
+def test_lora_resumes_exactly_under_torchrun(runs, run):
+    # lora-reset's step-1 checkpoint holds no moments for the fresh adapter (DDP; FSDP2
+    # refuses the reset): they stay absent after the resume
+    assert_same_weights(runs / f"{run}-resumed" / "final", runs / run / "final")
+    assert [r["step"] for r in read_jsonl(runs / f"{run}-resumed" / "metrics.jsonl")] == [1, 2]
 
 
 KILLER = '''

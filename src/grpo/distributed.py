@@ -19,8 +19,8 @@ hooks of the wrapped module's forward; so they wrap a ``grpo.logprobs.LogpModule
 forward is the whole log-prob pass (transformer body, then the LM head over chunks of
 positions): no process makes ``[N, T, V]`` logits. Checkpoints and ``final/`` take the
 state dict of the model inside (``stateful``), under the keys of the model as loaded.
-LoRA trains under DDP (the adapters' gradients are all-reduced; the frozen base is a
-full copy on every rank), not FSDP2.
+LoRA trains under both (a PEFT model is wrapped the same way); its reference reset, which
+merges the adapters into the base weights, only under DDP.
 
 Generation under FSDP2 (``gathered_parameters``): the decode loop runs on gathered
 full weights. Each sharded module is all-gathered once before the loop and resharded
@@ -338,9 +338,8 @@ def load_sharded(
     # moments that a LoRA restart dropped (lora.merge_and_restart) were not saved: a fresh
     # optimizer's placeholders for them are left out, so they stay absent after loading
     moments = state["optimizer"]["state"]
-    for fqn in [
-        f for f, m in moments.items() if any(f"optimizer.state.{f}.{k}" not in saved for k in m)
-    ]:
+    held = {k.rsplit(".", 1)[0] for k in saved if k.startswith("optimizer.state.")}
+    for fqn in [f for f in moments if f"optimizer.state.{f}" not in held]:
         del moments[fqn]
     dcp.load(state, checkpoint_id=directory / SHARDED_DIR)
     set_state_dict(

@@ -411,7 +411,7 @@ class LogpModule(torch.nn.Module):
         with_entropy: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """``forward_logp`` of the causal LM: ``(logp [N, T], entropy [N, T] or None)``."""
-        return forward_logp(
+        logp, entropy = forward_logp(
             self.module,
             input_ids,
             attention_mask,
@@ -420,6 +420,9 @@ class LogpModule(torch.nn.Module):
             temperature,
             with_entropy,
         )
+        # not a view: FSDP2's pre-backward hook on an output would not survive an in-place
+        # op on a view of it (and FSDP2 warns about view outputs)
+        return logp.clone(), entropy
 
 
 CALL_POSITIONS = 96

@@ -15,9 +15,10 @@ On disk: a checkpoint holds the adapter (PEFT's ``adapter_model.safetensors`` an
 the final model is the merged weights, loadable by ``from_pretrained`` without PEFT.
 A model path that is an adapter directory loads its base plus the adapter, merged.
 
-Under torchrun LoRA runs with DDP: every process holds the base and the adapters, DDP
-all-reduces the adapters' gradients, the adapters-off reference pass runs through the
-same wrapper without gradient, and rank 0 writes ``final/``.
+Under torchrun (``grpo.distributed.wrap``) the adapters-off reference pass runs through
+the same wrapper without gradient, and rank 0 writes ``final/``: under FSDP2 merged from
+the gathered full state dict (``merged_state_dict(model, state)``). Merging into the base
+in place (``merge_and_restart``) needs whole weights: DDP, not FSDP2.
 """
 
 from __future__ import annotations
@@ -96,6 +97,16 @@ def _plain_name(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
+def _injected_state(model: torch.nn.Module, state: dict | None) -> dict[str, torch.Tensor]:
+    """The injected transformers model's state dict: its own, or taken from ``state``, a
+    state dict of the whole PEFT model."""
+    lm = model.get_base_model()
+    if state is None:
+        return lm.state_dict()
+    prefix = next(name for name, m in model.named_modules() if m is lm) + "."
+    return {k.removeprefix(prefix): v for k, v in state.items()}
+
+
 def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The base weights under the plain model's names (adapters left out)."""
     lm = model.get_base_model()
@@ -103,27 +114,48 @@ def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: torch.nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
     """The weights of the plain model equal to base + adapters, under the plain names.
 
     Merged tensors are new (on the CPU, so a GPU run needs no room for a second copy);
-    the others are the model's own.
+    the others are the model's own. ``state``: the whole PEFT model's state dict to take
+    every tensor from, where the model itself holds shards (FSDP2's full state dict).
     """
-    weights = base_state_dict(model)
+    own = _injected_state(model, state)
+    weights = {_plain_name(k): v for k, v in own.items() if ".lora_" not in k}
     lm = model.get_base_model()
     layer_type = _peft().tuners.lora.LoraLayer
     for module_name, layer in lm.named_modules():
         if isinstance(layer, layer_type):
             key = _plain_name(f"{module_name}.base_layer.weight")
-            delta = sum(layer.get_delta_weight(n) for n in layer.active_adapters)
+            if state is None:
+                delta = sum(layer.get_delta_weight(n) for n in layer.active_adapters)
+            else:
+                names = layer.active_adapters
+                delta = sum(_delta_weight(layer, module_name, n, own) for n in names)
             weights[key] = (weights[key] + delta).cpu()
     return weights
 
 
-def save_merged(model: torch.nn.Module, path: str | Path) -> Path:
-    """Write the merged model (``save_pretrained`` form, no PEFT needed to load it)."""
+def _delta_weight(layer, module_name: str, name: str, state: dict) -> torch.Tensor:
+    """PEFT's ``layer.get_delta_weight(name)``, ``scaling * B A``, from the full ``A`` and
+    ``B`` in ``state`` (the layer itself may hold shards); plain LoRA linear layers only."""
+    if type(layer) is not _peft().tuners.lora.Linear or layer.use_dora.get(name):
+        raise ValueError(
+            f"{module_name}: {type(layer).__name__} adapters cannot be merged from a "
+            "gathered state dict (plain LoRA on linear layers only)"
+        )
+    a = state[f"{module_name}.lora_A.{name}.weight"]  # [r, in]
+    b = state[f"{module_name}.lora_B.{name}.weight"]  # [out, r]
+    delta = (b.float() @ a.float()) * layer.scaling[name]  # [out, in]
+    return (delta.T if layer.fan_in_fan_out else delta).to(b.dtype)
+
+
+def save_merged(model: torch.nn.Module, path: str | Path, state: dict | None = None) -> Path:
+    """Write the merged model (``save_pretrained`` form, no PEFT needed to load it);
+    ``state`` as in ``merged_state_dict``."""
     lm = model.get_base_model()
-    lm.save_pretrained(path, state_dict=merged_state_dict(model))
+    lm.save_pretrained(path, state_dict=merged_state_dict(model, state))
     return Path(path)
 
 
@@ -235,6 +267,13 @@ class AdaptersOffReference:
         """Iterative RL under LoRA: merge the adapters into the base and start fresh ones
         (``merge_and_restart``), so the reference becomes the current policy. Under DDP
         every rank takes rank 0's fresh adapters: the replicas must stay equal."""
+        from grpo.distributed import is_sharded
+
+        if is_sharded(policy.module):
+            raise ValueError(
+                "algorithm.ref_reset_every with model.lora under distributed.strategy = "
+                "'fsdp': adapters cannot be merged into sharded weights; use ddp"
+            )
         merge_and_restart(policy.model, optimizer)
         with torch.no_grad():
             for p in policy.trainable_parameters():

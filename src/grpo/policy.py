@@ -91,11 +91,6 @@ class Policy:
 
     def distribute(self, strategy: str) -> None:
         """Wrap the module for ``torchrun``'s processes (DDP or FSDP2; a no-op in one)."""
-        if self.lora and self.runtime.distributed and strategy == "fsdp":
-            raise ValueError(
-                "model.lora with distributed.strategy='fsdp' is not supported: use "
-                "distributed.strategy='ddp' (the adapters are small; the base is frozen)"
-            )
         self.module = distributed.wrap(self.model, strategy, self.runtime)
         self.agree = distributed.agreed_calls(self.module, self.runtime)
 
@@ -141,11 +136,13 @@ class Policy:
         """The whole model in ``save_pretrained`` form (under torchrun every process calls
         this; the weights are gathered and rank 0 writes). Under LoRA: the adapters merged
         into the base (``from_pretrained`` loads it without PEFT), and the adapter itself
-        in ``directory/adapter`` (DDP holds a full copy on every rank: rank 0 writes)."""
+        in ``directory/adapter`` (rank 0 writes; under FSDP2 from the gathered weights)."""
         if self.lora:
+            sharded = distributed.is_sharded(self.module)
+            state = distributed.full_state_dict(self.module) if sharded else None
             if self.runtime.is_main:
-                lora.save_merged(self.model, directory)
-                self.model.save_pretrained(Path(directory) / "adapter")
+                lora.save_merged(self.model, directory, state)
+                self.model.save_pretrained(Path(directory) / "adapter", state_dict=state)
             self.runtime.barrier()
         elif self.runtime.distributed:
             distributed.save_full(directory, self.module, None, self.runtime)
