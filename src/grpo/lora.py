@@ -107,10 +107,11 @@ def _injected_state(model: torch.nn.Module, state: dict | None) -> dict[str, tor
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
-def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The base weights under the plain model's names (adapters left out)."""
-    lm = model.get_base_model()
-    return {_plain_name(k): v for k, v in lm.state_dict().items() if ".lora_" not in k}
+def base_state_dict(model: torch.nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The base weights under the plain model's names (adapters left out); ``state`` as in
+    ``merged_state_dict``."""
+    own = _injected_state(model, state)
+    return {_plain_name(k): v for k, v in own.items() if ".lora_" not in k}
 
 
 @torch.no_grad()
@@ -121,8 +122,8 @@ def merged_state_dict(model: torch.nn.Module, state: dict | None = None) -> dict
     the others are the model's own. ``state``: the whole PEFT model's state dict to take
     every tensor from, where the model itself holds shards (FSDP2's full state dict).
     """
-    own = _injected_state(model, state)
-    weights = {_plain_name(k): v for k, v in own.items() if ".lora_" not in k}
+    weights = base_state_dict(model, state)
+    own = _injected_state(model, state) if state is not None else None
     lm = model.get_base_model()
     layer_type = _peft().tuners.lora.LoraLayer
     for module_name, layer in lm.named_modules():
