@@ -150,9 +150,13 @@ class Runtime:
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """``x`` overwritten in place with rank ``src``'s values (returned); the identity in
-        a single process."""
+        a single process. A CPU tensor travels through this process's device, as in
+        ``all_reduce``."""
         if self.distributed:
-            dist.broadcast(x, src=src)
+            on_device = x.to(self.device)
+            dist.broadcast(on_device, src=src)
+            if on_device is not x:
+                x.copy_(on_device)
         return x
 
     def gather_objects(self, obj: Any) -> list[Any]:
