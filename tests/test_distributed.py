@@ -5,7 +5,8 @@ A fixed global batch of 4 groups is split over 2 ranks, 2 whole groups each; the
 one SGD step) must give the weights that one process gets from the whole batch. Rank 0
 holds groups of even lengths and rank 1 groups of very uneven ones, so length buckets cut
 rank 1's micro-batches into more forward calls than rank 0's, and each group's prompt
-runs apart from its completions (several forward calls before one backward).
+runs apart from its completions (several forward calls before one backward). The
+log-prob passes run the chunked LM head on every rank: no LM head module is ever called.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 - With an engine whose completions depend only on the prompt, a 2-step run on 2 processes
   (DDP, FSDP2) ends with one process's weights and logs one process's metrics: each rank
   draws its own whole groups of the same global batch, and every batch statistic is global.
+- The same under LoRA (DDP, FSDP2): the adapter, the merged ``final/`` and the metrics
+  equal one process's; a run cut after step 1 and resumed ends where the straight run
+  does, also where the reference reset dropped the fresh adapter's optimizer moments.
 - A 3-step run under ``torchrun -m grpo train`` killed in step 3 and resumed from its
   step-2 checkpoint ends with the weights of 3 uninterrupted steps, and ``metrics.jsonl``
   holds each step once.
