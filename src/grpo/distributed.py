@@ -133,18 +133,18 @@ def _sharded_modules(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def gathered_parameters(model: nn.Module) -> Iterator[nn.Module]:
     """Full weights on every rank for the length of the block (FSDP2), so generation's
-    decode loop runs without collectives; resharded on exit. Yields the causal LM to call
-    (under every wrapper but PEFT's: generation needs no gradient synchronisation, and the
-    gathered weights need no hook)."""
+    decode loop runs without collectives; resharded on exit. Yields the transformers model
+    under every wrapper (generation needs no gradient synchronisation, and the gathered
+    weights need no hook; PEFT's adapters stay injected in its layers)."""
     units = _sharded_modules(model)
     if not units:
-        yield stateful(model)
+        yield unwrap(model)
         return
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
     try:
-        yield stateful(model)
+        yield unwrap(model)
     finally:
         for unit in units:
             unit.reshard()

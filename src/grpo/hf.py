@@ -50,8 +50,9 @@ def load_model_and_tokenizer(path_or_id: str | Path, dtype: torch.dtype = torch.
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under DDP (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT
-    (``get_base_model()``) wrappers: the transformers model whose forward is documented."""
+    """The model under DDP and ``grpo.logprobs.LogpModule`` (``.module``), ``torch.compile``
+    (``._orig_mod``) and PEFT (``get_base_model()``) wrappers: the transformers model whose
+    forward is documented."""
     while True:
         if hasattr(model, "get_base_model"):
             model = model.get_base_model()
