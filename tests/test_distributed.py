@@ -250,11 +250,6 @@ def test_checkpoint_restores_weights_optimizer_and_rank_state(two_processes, str
         (2, ["optim.num_minibatches=4"], r"times optim.num_minibatches = 4"),
         (2, ["distributed.world_size=4"], r"distributed.world_size = 4: the run was launched on 2"),
         (2, ["algorithm.name=ppo"], r"algorithm.name = 'ppo'"),
-        (
-            2,
-            ["model.lora={}", "distributed.strategy=fsdp", "algorithm.ref_reset_every=2"],
-            r"distributed.strategy = 'fsdp' with model.lora and algorithm.ref_reset_every = 2",
-        ),
     ],
 )
 def test_a_launch_that_cannot_split_the_batch_stops_first(world_size, overrides, match):

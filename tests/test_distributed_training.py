@@ -4,8 +4,9 @@
   (DDP, FSDP2) ends with one process's weights and logs one process's metrics: each rank
   draws its own whole groups of the same global batch, and every batch statistic is global.
 - The same under LoRA (DDP, FSDP2): the adapter, the merged ``final/`` and the metrics
-  equal one process's; a run cut after step 1 and resumed ends where the straight run
-  does, also where the reference reset dropped the fresh adapter's optimizer moments.
+  equal one process's, also with the reference reset after every step (adapters merged
+  into the base, fresh ones started); a run cut after step 1 and resumed ends where the
+  straight run does, though the reset dropped the fresh adapter's optimizer moments.
 - A 3-step run under ``torchrun -m grpo train`` killed in step 3 and resumed from its
   step-2 checkpoint ends with the weights of 3 uninterrupted steps, and ``metrics.jsonl``
   holds each step once.
@@ -40,6 +41,9 @@ KEYED = {
 
 LORA = {"lora": {"rank": 4, "alpha": 8}}
 """Adapters on every linear layer but the LM head; the reference is the adapters-off policy."""
+LORA_RESET = {"model": LORA, "algorithm": {"ref_reset_every": 1}}
+"""LoRA with the reference reset after every step: the adapters are merged into the base
+and fresh ones start, without optimizer moments."""
 
 REAL = {
     "data": {"num_train_prompts": 40},
@@ -121,11 +125,8 @@ def two_process_runs(model_dir, root: Path) -> None:
         keyed_run(model_dir, root / strategy, strategy)
     for strategy in ("ddp", "fsdp"):
         keyed_run(model_dir, root / f"lora-{strategy}", strategy, model=LORA)
-    resumed_run(model_dir, root / "lora-fsdp-resumed", "fsdp", model=LORA)
-    # the reference reset after every step: a merge, and a fresh adapter without moments
-    reset = {"model": LORA, "algorithm": {"ref_reset_every": 1}}
-    keyed_run(model_dir, root / "lora-reset", "ddp", **reset)
-    resumed_run(model_dir, root / "lora-reset-resumed", "ddp", **reset)
+        keyed_run(model_dir, root / f"lora-reset-{strategy}", strategy, **LORA_RESET)
+        resumed_run(model_dir, root / f"lora-reset-{strategy}-resumed", strategy, **LORA_RESET)
     GRPOTrainer(
         config(model_dir, root / "straight", REAL), reward_functions=[distinct_chars]
     ).train()
@@ -137,6 +138,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     run_ranks(two_process_runs, 2, root, tiny_model_dir, root)
     keyed_run(tiny_model_dir, root / "one", "ddp")  # one process: no wrapping at all
     keyed_run(tiny_model_dir, root / "lora-one", "ddp", model=LORA)
+    keyed_run(tiny_model_dir, root / "lora-reset-one", "ddp", **LORA_RESET)
     return root
 
 
@@ -173,6 +175,7 @@ def test_two_processes_train_like_one(runs, strategy):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_lora_trains_like_one_process(runs, strategy):
+    """Adapters (all B moved away from 0), merged ``final/`` and metrics after 2 steps."""
     from safetensors.torch import load_file
 
     one, two = (
@@ -188,12 +191,15 @@ def test_lora_trains_like_one_process(runs, strategy):
     assert_same_metrics(runs / "lora-one", runs / f"lora-{strategy}")
 
 
-@pytest.mark.parametrize("run", ["lora-fsdp", "lora-reset"])
-def test_lora_resumes_exactly_under_torchrun(runs, run):
-    # lora-reset's step-1 checkpoint holds no moments for the fresh adapter (DDP; FSDP2
-    # refuses the reset): they stay absent after the resume
-    assert_same_weights(runs / f"{run}-resumed" / "final", runs / run / "final")
-    assert [r["step"] for r in read_jsonl(runs / f"{run}-resumed" / "metrics.jsonl")] == [1, 2]
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_reference_reset_and_resume_like_one_process(runs, strategy):
+    """A merge into the (sharded, under FSDP2) base and a fresh adapter after each step give
+    one process's weights; the step-1 checkpoint holds no moments for the fresh adapter,
+    and they stay absent when a run resumes from it."""
+    run = runs / f"lora-reset-{strategy}"
+    assert_same_weights(run / "final", runs / "lora-reset-one" / "final")
+    assert_same_metrics(runs / "lora-reset-one", run)
+    assert_same_weights(runs / f"lora-reset-{strategy}-resumed" / "final", run / "final")
 
 
 KILLER = '''

@@ -344,8 +344,7 @@ class DistributedConfig(_Section):
     """How ``torchrun``'s processes hold the policy: ``ddp`` (a full copy each, gradients
     all-reduced) or ``fsdp`` (FSDP2's ``fully_shard`` per decoder layer and at the root:
     weights, gradients and optimizer states split over the processes, for models that do
-    not fit one device; the reference is sharded the same way). ``model.lora`` with
-    ``algorithm.ref_reset_every`` needs ``ddp``. One process ignores it."""
+    not fit one device; the reference is sharded the same way). One process ignores it."""
     world_size: int | None = Field(default=None, ge=1)
     """Processes of the run, recorded by the trainer from torchrun's environment (in the
     saved ``config.yaml``). Left empty, any number works; set, a launch with another number
@@ -375,13 +374,6 @@ class DistributedConfig(_Section):
             raise ConfigError(
                 "algorithm.name = 'ppo': the critic trains on one process only; use grpo or "
                 "rloo under torchrun, or launch one process"
-            )
-        lora_reset = cfg.model.lora is not None and cfg.algorithm.ref_reset_every > 0
-        if world_size > 1 and lora_reset and self.strategy == "fsdp":
-            raise ConfigError(
-                f"distributed.strategy = 'fsdp' with model.lora and algorithm.ref_reset_every "
-                f"= {cfg.algorithm.ref_reset_every}: adapters cannot be merged into sharded "
-                "weights; use distributed.strategy = 'ddp' or ref_reset_every = 0"
             )
 
 

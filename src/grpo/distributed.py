@@ -19,8 +19,7 @@ hooks of the wrapped module's forward; so they wrap a ``grpo.logprobs.LogpModule
 forward is the whole log-prob pass (transformer body, then the LM head over chunks of
 positions): no process makes ``[N, T, V]`` logits. Checkpoints and ``final/`` take the
 state dict of the model inside (``stateful``), under the keys of the model as loaded.
-LoRA trains under both (a PEFT model is wrapped the same way); its reference reset, which
-merges the adapters into the base weights, only under DDP.
+LoRA trains under both: a PEFT model is wrapped the same way.
 
 Generation under FSDP2 (``gathered_parameters``): the decode loop runs on gathered
 full weights. Each sharded module is all-gathered once before the loop and resharded

@@ -16,15 +16,16 @@ the final model is the merged weights, loadable by ``from_pretrained`` without P
 A model path that is an adapter directory loads its base plus the adapter, merged.
 
 Under torchrun (``grpo.distributed.wrap``) the adapters-off reference pass runs through
-the same wrapper without gradient, and rank 0 writes ``final/``: under FSDP2 merged from
-the gathered full state dict (``merged_state_dict(model, state)``). Merging into the base
-in place (``merge_and_restart``) needs whole weights: DDP, not FSDP2.
+the same wrapper without gradient, and rank 0 writes ``final/``, under FSDP2 merged from
+the gathered full state dict (``merged_state_dict(model, state)``). A reset's fresh
+adapters are rank 0's on every rank (broadcast under DDP, scattered shards under FSDP2).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -80,16 +81,37 @@ def merge_and_restart(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     adapter (``A`` random as PEFT does, ``B = 0``) and drop its optimizer moments.
 
     The policy's outputs are unchanged (up to the rounding of ``W + dW``); the parameters
-    stay the same objects, so the optimizer keeps training them.
+    stay the same objects, so the optimizer keeps training them. Under FSDP2 (shards) the
+    same numbers are computed whole and written back shard by shard.
     """
     for layer in _lora_layers(model):
         for name in layer.active_adapters:
             base = layer.get_base_layer()
-            base.weight += layer.get_delta_weight(name).to(base.weight.dtype)
-            layer.reset_lora_parameters(name, init_lora_weights=True)
+            if hasattr(base.weight, "full_tensor"):  # FSDP2: DTensor shards
+                _merge_and_restart_sharded(layer, name)
+            else:
+                base.weight += layer.get_delta_weight(name).to(base.weight.dtype)
+                layer.reset_lora_parameters(name, init_lora_weights=True)
             if optimizer is not None:
                 for p in (layer.lora_A[name].weight, layer.lora_B[name].weight):
                     optimizer.state.pop(p, None)
+
+
+def _merge_and_restart_sharded(layer, name: str) -> None:
+    """``merge_and_restart`` of one adapter whose weights are FSDP2 shards: ``dW`` from the
+    gathered ``A`` and ``B``; the fresh ``A`` drawn whole, as PEFT draws it (the global
+    generator, kaiming-uniform), and rank 0's draw scattered, so every rank and one
+    process hold the same adapter."""
+    from torch.distributed.tensor import distribute_tensor
+
+    weight = layer.get_base_layer().weight  # shards of [out, in]
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight  # shards of [r, in], [out, r]
+    delta = _delta(layer, name, a.full_tensor(), b.full_tensor())  # [out, in]
+    weight += distribute_tensor(delta.to(weight.dtype), weight.device_mesh, weight.placements)
+    fresh = torch.empty(a.shape, dtype=a.dtype, device=a.to_local().device)  # [r, in]
+    torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+    a.copy_(distribute_tensor(fresh, a.device_mesh, a.placements))
+    b.zero_()
 
 
 def _plain_name(key: str) -> str:
@@ -139,15 +161,20 @@ def merged_state_dict(model: torch.nn.Module, state: dict | None = None) -> dict
 
 
 def _delta_weight(layer, module_name: str, name: str, state: dict) -> torch.Tensor:
-    """PEFT's ``layer.get_delta_weight(name)``, ``scaling * B A``, from the full ``A`` and
-    ``B`` in ``state`` (the layer itself may hold shards); plain LoRA linear layers only."""
-    if type(layer) is not _peft().tuners.lora.Linear or layer.use_dora.get(name):
-        raise ValueError(
-            f"{module_name}: {type(layer).__name__} adapters cannot be merged from a "
-            "gathered state dict (plain LoRA on linear layers only)"
-        )
+    """``_delta`` of the full ``A`` and ``B`` in ``state``."""
     a = state[f"{module_name}.lora_A.{name}.weight"]  # [r, in]
     b = state[f"{module_name}.lora_B.{name}.weight"]  # [out, r]
+    return _delta(layer, name, a, b)
+
+
+def _delta(layer, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PEFT's ``layer.get_delta_weight(name)``, ``scaling * B A``, from whole ``A [r, in]``
+    and ``B [out, r]`` (the layer itself may hold shards); plain LoRA linear layers only."""
+    if type(layer) is not _peft().tuners.lora.Linear or layer.use_dora.get(name):
+        raise ValueError(
+            f"{type(layer).__name__} adapters cannot be merged from gathered weights "
+            "(plain LoRA on linear layers only)"
+        )
     delta = (b.float() @ a.float()) * layer.scaling[name]  # [out, in]
     return (delta.T if layer.fan_in_fan_out else delta).to(b.dtype)
 
@@ -270,12 +297,9 @@ class AdaptersOffReference:
         every rank takes rank 0's fresh adapters: the replicas must stay equal."""
         from grpo.distributed import is_sharded
 
-        if is_sharded(policy.module):
-            raise ValueError(
-                "algorithm.ref_reset_every with model.lora under distributed.strategy = "
-                "'fsdp': adapters cannot be merged into sharded weights; use ddp"
-            )
         merge_and_restart(policy.model, optimizer)
+        if is_sharded(policy.module):
+            return  # every rank took its shards of rank 0's fresh adapters
         with torch.no_grad():
             for p in policy.trainable_parameters():
                 policy.runtime.broadcast(p)
