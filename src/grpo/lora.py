@@ -293,8 +293,9 @@ class AdaptersOffReference:
 
     def reset_to(self, policy, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Iterative RL under LoRA: merge the adapters into the base and start fresh ones
-        (``merge_and_restart``), so the reference becomes the current policy. Under DDP
-        every rank takes rank 0's fresh adapters: the replicas must stay equal."""
+        (``merge_and_restart``), so the reference becomes the current policy. Every rank
+        takes rank 0's fresh adapters (DDP: broadcast here; FSDP2: scattered shards), so
+        the processes never disagree."""
         from grpo.distributed import is_sharded
 
         merge_and_restart(policy.model, optimizer)
