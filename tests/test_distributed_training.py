@@ -90,7 +90,8 @@ class PromptKeyedEngine:
 
 
 def config(model_dir, out, base: dict, **sections) -> object:
-    tree = {**base, "model": {"name_or_path": str(model_dir)}}
+    # gloo on CPU: the ranks must not each claim a GPU of a one-GPU machine
+    tree = {**base, "model": {"name_or_path": str(model_dir), "device": "cpu"}}
     tree["run"] = {**base["run"], "output_dir": str(out)}
     for name, values in sections.items():
         tree[name] = {**tree.get(name, {}), **values}
