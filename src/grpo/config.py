@@ -308,6 +308,11 @@ class RunConfig(_Section):
     """Held-out prompts used by the periodic evaluation."""
     progress: bool = True
     """Show a progress bar on the console."""
+    release_freed_memory: bool = True
+    """On a CPU device under glibc, give tensors of 1 MiB or more back to the OS when freed,
+    except while decoding (``grpo.host_memory``): the backward pass otherwise fragments
+    malloc's heap and resident memory grows past what is alive (LoRA on ``big-vocab``:
+    peak 2577 -> 1925 MiB). Same numbers either way; no effect on CUDA."""
 
 
 class LoggingConfig(_Section):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from grpo import checkpoint as ckpt
-from grpo import distributed
+from grpo import distributed, host_memory
 from grpo.advantages import informative_groups
 from grpo.algorithms import build_algorithm
 from grpo.algorithms.objective import policy_loss
@@ -118,6 +118,8 @@ class GRPOTrainer:
         self.cfg = cfg
         self.rss_at_start_mb = current_rss_mb()  # before any model is loaded
         self.runtime = Runtime.from_settings(cfg.model.device, cfg.model.autocast)
+        if cfg.run.release_freed_memory:
+            host_memory.release_freed_memory(self.runtime.device)
         cfg.distributed.check(self.runtime.world_size, cfg)
         cfg.distributed.world_size = self.runtime.world_size  # recorded in config.yaml
         if cfg.run.num_threads:

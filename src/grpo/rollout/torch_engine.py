@@ -48,6 +48,7 @@ import contextlib
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from grpo import host_memory
 from grpo.hf import cache_argument, keep_last, left_pad, output_cache, position_ids
 from grpo.types import Rollout, SamplingParams
 
@@ -102,7 +103,7 @@ class TorchEngine:
         attention = _decode_attention(model)
         model.eval()
         try:
-            with torch.no_grad(), attention:
+            with torch.no_grad(), attention, host_memory.decoding():
                 return self._generate(model, prompts, params, generator)
         finally:
             model.train(was_training)
