@@ -95,6 +95,13 @@ class ModelConfig(_Section):
     ``gradient_checkpointing_enable``, non-reentrant): same gradients, much less activation
     memory, about a third more compute. The training pass then runs prompts once per
     completion (checkpointed layers drop the KV cache ``optim.share_prompt`` relies on)."""
+    fused_mlp: bool = True
+    """Run SwiGLU MLPs (Llama, Qwen2/3, Mistral, ... see ``grpo.fused_mlp.SWIGLU_MLPS``) so
+    that the training pass keeps ``gate(x)`` and ``up(x)`` for the backward pass and
+    recomputes ``silu(gate(x)) * up(x)`` there: two ``[tokens, intermediate]`` tensors per
+    layer less (one when ``down_proj`` carries a LoRA adapter or is frozen), the same
+    maths and gradients. Other models are left as they are; false keeps transformers' own
+    forward."""
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of every weight (off by default); see ``LoraConfig``.
     ``model.lora={}`` takes the defaults, ``model.lora.rank=8`` sets one field."""

@@ -1,4 +1,4 @@
-"""Per-model training options applied once after loading: dropout off, gradient
+"""Per-model training options applied once after loading: dropout off, fused SwiGLU MLPs,
 checkpointing, LoRA adapters (``grpo.lora``).
 
 * **Dropout off** (``model.disable_dropout``, TRL's name). GRPO's ratio and KL compare the
@@ -10,11 +10,16 @@ checkpointing, LoRA adapters (``grpo.lora``).
   decoder layer's activations recomputed in the backward pass (``use_reentrant=False``),
   same gradients for about a third more compute. Checkpointed layers drop KV caches, so
   the training pass then runs each completion with its prompt (``policy_loss``).
+* **Fused SwiGLU MLPs** (``model.fused_mlp``, ``grpo.fused_mlp``): the MLPs of Llama,
+  Qwen, Mistral, ... keep two ``[M, I]`` activations for the backward pass instead of
+  four, recomputing the cheap elementwise ones; the same gradients.
 """
 
 from __future__ import annotations
 
 import torch
+
+from grpo.fused_mlp import fuse_swiglu_mlps
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -53,10 +58,13 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def apply_model_options(model: torch.nn.Module, cfg) -> torch.nn.Module:
-    """``cfg.disable_dropout``, ``cfg.gradient_checkpointing``, then ``cfg.lora`` (a
-    ``ModelConfig``): returns the model to train, a ``PeftModel`` under LoRA."""
+    """``cfg.disable_dropout``, ``cfg.fused_mlp``, ``cfg.gradient_checkpointing``, then
+    ``cfg.lora`` (a ``ModelConfig``): returns the model to train, a ``PeftModel`` under
+    LoRA."""
     if cfg.disable_dropout:
         disable_dropout(model)
+    if cfg.fused_mlp:
+        fuse_swiglu_mlps(model)  # before or after adapters: it reads the layers per call
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.lora is not None:
