@@ -42,9 +42,9 @@ def test_config_rejects_unknown_autocast(tmp_path):
 def test_every_forward_pass_runs_in_bf16_and_state_stays_fp32(tiny_model_dir, tmp_path):
     cfg = make_cfg(tiny_model_dir, tmp_path, "model.autocast=bfloat16", "algorithm.beta=0.04")
     t = GRPOTrainer(cfg, reward_functions=[distinct_chars])
-    seen = []  # (model, grad enabled, output dtype) of one MLP projection per forward call
+    seen = []  # (model, grad enabled, output dtype) of one MLP per forward call
     for name, m in (("policy", t.model), ("reference", t.reference.module)):
-        m.model.layers[0].mlp.down_proj.register_forward_hook(
+        m.model.layers[0].mlp.register_forward_hook(
             lambda mod, args, out, name=name: seen.append(
                 (name, torch.is_grad_enabled(), out.dtype)
             )
