@@ -84,16 +84,15 @@ class _SwiGLUDown(torch.autograd.Function):
         device, enabled, dtype = ctx.autocast
         # the forward's autocast again, so matmuls and casts are those autograd would run
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            s = F.silu(a)  # [M, I]
             if need_w:
-                m = s * b  # [M, I], recomputed
-                grad_w = grad_y.flatten(0, -2).T @ m.flatten(0, -2)  # [O, I]
-                grad_w = grad_w.to(weight.dtype)
+                m = F.silu(a) * b  # [M, I], recomputed
+                grad_w = (grad_y.flatten(0, -2).T @ m.flatten(0, -2)).to(weight.dtype)  # [O, I]
+                del m
             if need_bias:
                 grad_bias = grad_y.flatten(0, -2).sum(dim=0).to(weight.dtype)  # [O]
             if need_a or need_b:
-                grad_m = grad_y @ weight  # [M, I] d loss / d m
-                grad_a, grad_b = _silu_mul_backward(grad_m, a, b, s, need_a, need_b)
+                grad_m = grad_y @ weight  # [M, I] d loss / d m, overwritten below
+                grad_a, grad_b = _silu_mul_backward(grad_m, a, b, need_a, need_b, True)
         return grad_a, grad_b, grad_w, grad_bias
 
 
@@ -113,18 +112,21 @@ class _SwiGLU(torch.autograd.Function):
         need_a, need_b = ctx.needs_input_grad
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            s = F.silu(a)  # [M, I]
-            return _silu_mul_backward(grad_m, a, b, s, need_a, need_b)
+            return _silu_mul_backward(grad_m, a, b, need_a, need_b, False)
 
 
 def _silu_mul_backward(
-    grad_m: Tensor, a: Tensor, b: Tensor, s: Tensor, need_a: bool, need_b: bool
+    grad_m: Tensor, a: Tensor, b: Tensor, need_a: bool, need_b: bool, overwrite: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """Gradients of ``m = silu(a) * b`` w.r.t. ``a`` and ``b`` (``[M, I]``) from
-    ``grad_m``, with the kernels autograd's ``MulBackward`` and ``SiluBackward`` use."""
-    grad_a = torch.ops.aten.silu_backward(grad_m * b, a) if need_a else None  # [M, I]
-    grad_b = grad_m * s if need_b else None  # [M, I]
-    return grad_a, grad_b
+    ``grad_m`` (overwritten when ``overwrite``: a temporary of the caller's), with the
+    kernels autograd's ``MulBackward`` and ``SiluBackward`` use; ``silu(a)`` is
+    recomputed, and at most three ``[M, I]`` tensors are alive at once."""
+    grad_b = grad_m * F.silu(a) if need_b else None  # [M, I]
+    if not need_a:
+        return None, grad_b
+    grad_s = grad_m.mul_(b) if overwrite else grad_m * b  # [M, I] d loss / d silu(a)
+    return torch.ops.aten.silu_backward(grad_s, a), grad_b  # [M, I], [M, I]
 
 
 def _fused_forward(self: torch.nn.Module, x: Tensor) -> Tensor:
