@@ -169,6 +169,20 @@ def test_lora_added_before_or_after_fusing_gives_the_same_gradients(lora):
         assert_close(got[name], want[name], msg=name)
 
 
+def test_hooks_on_down_proj_still_run():
+    # a hooked down_proj runs as a module (its input kept, SiLU's output still dropped)
+    plain, fused = pair()
+    calls = []
+    for model in (plain, fused):
+        for layer in model.model.layers:
+            layer.mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))
+    want, got = run(plain), run(fused)
+    assert len(calls) == 2 * LAYERS
+    for name in want:
+        assert_close(got[name], want[name], msg=name)
+    assert saved_activation_bytes(plain) - saved_activation_bytes(fused) == LAYERS * N * T * I * 4
+
+
 def test_bf16_autocast_gives_the_same_gradients():
     # The backward re-enters the forward's autocast, so it runs the bf16 matmuls that
     # autograd runs for transformers' forward (on this CPU: bit for bit). Compared at

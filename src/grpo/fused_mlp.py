@@ -7,12 +7,14 @@ tensors per layer: ``a`` (for SiLU's backward), ``s = silu(a)`` and ``b`` (for t
 product's) and ``m = s * b`` (for ``down``'s weight gradient). ``s`` and ``m`` are
 elementwise in ``a`` and ``b``, so ``_SwiGLUDown`` keeps only ``a`` and ``b`` and
 recomputes ``m`` in the backward pass: the same maths and the same ops (the forward is
-transformers' own; the backward calls the same kernels autograd would), for one SiLU and
-one product per layer more. This is the recomputation of Liger-Kernel's fused SwiGLU,
+transformers' own; the backward calls the same kernels autograd would), for two SiLUs
+and one product per layer more, elementwise and cheap next to the MLP's three matmuls.
+Passes without a graph (generation, the old-policy and reference passes) run
+transformers' forward unchanged. This is the recomputation of Liger-Kernel's fused SwiGLU,
 written with PyTorch ops so that it runs on any device.
 
-When ``down`` is not a plain ``torch.nn.Linear`` (a PEFT LoRA layer), ``down`` runs as a
-module and keeps its own input ``m``; ``_SwiGLU`` then drops ``s`` only.
+When ``down`` is not a plain ``torch.nn.Linear`` (a PEFT LoRA layer) or carries hooks,
+it runs as a module and keeps its own input ``m``; ``_SwiGLU`` then drops ``s`` only.
 
 ``fuse_swiglu_mlps`` replaces the forward of MLP modules, one instance at a time, whose
 transformers class is in ``SWIGLU_MLPS`` (each checked to compute exactly
@@ -66,7 +68,7 @@ def _autocast_state(device: str) -> tuple[str, bool, torch.dtype]:
 
 
 class _SwiGLUDown(torch.autograd.Function):
-    """``y [M, O] = silu(a) * b @ weight^T + bias`` saving ``a``, ``b`` (``[M, I]``) and
+    """``y [M, H] = (silu(a) * b) @ weight^T + bias`` saving ``a``, ``b`` (``[M, I]``) and
     ``weight``; ``m = silu(a) * b`` is recomputed in the backward pass."""
 
     @staticmethod
@@ -74,7 +76,7 @@ class _SwiGLUDown(torch.autograd.Function):
         m = F.silu(a) * b  # [M, I]
         ctx.autocast = _autocast_state(a.device.type)
         ctx.save_for_backward(a, b, weight)
-        return F.linear(m, weight, bias)  # [M, O]
+        return F.linear(m, weight, bias)  # [M, H]
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -86,10 +88,10 @@ class _SwiGLUDown(torch.autograd.Function):
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             if need_w:
                 m = F.silu(a) * b  # [M, I], recomputed
-                grad_w = (grad_y.flatten(0, -2).T @ m.flatten(0, -2)).to(weight.dtype)  # [O, I]
+                grad_w = (grad_y.flatten(0, -2).T @ m.flatten(0, -2)).to(weight.dtype)  # [H, I]
                 del m
             if need_bias:
-                grad_bias = grad_y.flatten(0, -2).sum(dim=0).to(weight.dtype)  # [O]
+                grad_bias = grad_y.flatten(0, -2).sum(dim=0).to(weight.dtype)  # [H]
             if need_a or need_b:
                 grad_m = grad_y @ weight  # [M, I] d loss / d m, overwritten below
                 grad_a, grad_b = _silu_mul_backward(grad_m, a, b, need_a, need_b, True)
@@ -137,9 +139,16 @@ def _fused_forward(self: torch.nn.Module, x: Tensor) -> Tensor:
     a = self.gate_proj(x)  # [M, I]
     b = self.up_proj(x)  # [M, I]
     down = self.down_proj
-    if type(down) is torch.nn.Linear:
+    if _runs_as_weights(down):
         return _SwiGLUDown.apply(a, b, down.weight, down.bias)  # [M, H]
     return down(_SwiGLU.apply(a, b))  # [M, H], down keeps its own input
+
+
+def _runs_as_weights(down: torch.nn.Module) -> bool:
+    """Whether ``down`` is a plain ``torch.nn.Linear`` that nothing hooks, so that its
+    matmul can run inside ``_SwiGLUDown`` without calling the module."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return type(down) is torch.nn.Linear and not any(getattr(down, h, None) for h in hooks)
 
 
 def is_fusable(module: torch.nn.Module) -> bool:
