@@ -283,10 +283,19 @@ def test_no_grad_runs_transformers_forward_bit_for_bit():
     assert torch.equal(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
 
 
+def _halves() -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Two ranks' log-prob inputs: ``(input_ids [N, T], attention_mask [N, T], completion
+    length)``, prompts of 2 tokens."""
+    torch.manual_seed(2)
+    ids = torch.randint(0, V, (2 * N, T))  # [2N, T]
+    return [(half, torch.ones_like(half), T - 2) for half in ids.chunk(2)]
+
+
 def _distributed_gradients() -> dict[str, dict[str, torch.Tensor]]:
     """On each of 2 ranks, for DDP and FSDP2: the fused model wrapped as training wraps
     it, this rank's half of the batch, one backward; the averaged full gradients."""
     from grpo.distributed import wrap
+    from grpo.logprobs import forward_logp
     from grpo.runtime import Runtime
 
     runtime = Runtime.from_settings("cpu")
@@ -294,9 +303,8 @@ def _distributed_gradients() -> dict[str, dict[str, torch.Tensor]]:
     for strategy in ("ddp", "fsdp"):
         _, fused = pair()
         model = wrap(fused, strategy, runtime)
-        torch.manual_seed(2)
-        ids = torch.randint(0, V, (2 * N, T)).chunk(2)[runtime.rank]  # [N, T] this rank's
-        model(input_ids=ids).logits.square().mean().backward()
+        logp, _ = forward_logp(model, *_halves()[runtime.rank])  # [N, T - 2]
+        logp.square().mean().backward()
         out[strategy] = {
             name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
             for name, p in fused.named_parameters()
@@ -311,11 +319,12 @@ def distributed_gradients(tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_ddp_and_fsdp2_average_the_same_gradients(distributed_gradients, strategy):
+    from grpo.logprobs import forward_logp
+
     plain, _ = pair()
-    torch.manual_seed(2)
-    for ids in torch.randint(0, V, (2 * N, T)).chunk(2):  # the two ranks' halves
-        # each rank's mean loss, averaged over the 2 ranks
-        (plain(input_ids=ids).logits.square().mean() / 2).backward()
+    for half in _halves():
+        logp, _ = forward_logp(plain, *half)  # [N, T - 2]
+        (logp.square().mean() / 2).backward()  # each rank's loss, averaged over the 2 ranks
     for rank in distributed_gradients:
         grads = rank[strategy]
         assert grads.keys() == dict(plain.named_parameters()).keys()
