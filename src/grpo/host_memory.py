@@ -17,6 +17,11 @@ fault on first touch (about 3x slower decoding at V = 151,936 with a 1 MiB thres
 So ``release_freed_memory`` sets a 1 MiB threshold for the run, and ``decoding`` lifts it
 to 32 MiB while the engine samples, then trims the heap (``malloc_trim``) when it ends.
 
+The price is speed: every mmapped block is faulted in page by page when first touched,
+which the heap's recycled blocks are not. On ``bench/vs_trl.py --config short`` (25M
+Llama, 2 threads) a step takes 7.0 s instead of 5.5 s, so it is an option
+(``run.release_freed_memory``), off by default, for runs that must fit in host memory.
+
 Both are no-ops off glibc (macOS, musl) and on a CUDA device, where activations live in
 PyTorch's CUDA allocator, not in malloc's heap.
 """
