@@ -86,7 +86,8 @@ def run_ours(w: Workload, setup: dict, args: argparse.Namespace) -> dict:
     peak = matmul_peak_gflops(precision=args.precision)
     total = args.warmup + args.steps
     cfg = build_config(
-        {
+        overrides=args.ours_set,
+        data={
             "model": {
                 "name_or_path": setup["model_dir"],
                 "dtype": "float32",
@@ -331,6 +332,7 @@ def _child(side: str, setup_file: Path, args: argparse.Namespace) -> dict:
         *("--steps", str(args.steps), "--warmup", str(args.warmup)),
         *("--threads", str(args.threads), "--seed", str(args.seed), "--workdir", args.workdir),
         *("--precision", args.precision),
+        *(f"--ours-set={kv}" for kv in args.ours_set),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -461,6 +463,13 @@ def main(argv: list[str] | None = None) -> None:
         default="fp32",
         help="bf16: bfloat16 autocast on both sides (ours: model.autocast, TRL: bf16=True), "
         "weights and optimizer in fp32",
+    )
+    parser.add_argument(
+        "--ours-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for our side only, e.g. model.fused_mlp=false (repeatable)",
     )
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
