@@ -18,7 +18,7 @@ glibc = pytest.mark.skipif(host_memory._glibc() is None, reason="needs glibc's m
 # the heap behind it, free the large ones and print how much resident memory came back:
 # nothing from the heap (the small tensors sit above every freed block), 200 MiB from mmap.
 SCRIPT = """
-import sys, torch
+import torch
 from grpo import host_memory
 
 def rss_mib():
@@ -34,27 +34,22 @@ def freed_mib():
     big.clear()
     return before - rss_mib(), pins
 
-mode = sys.argv[1]
-if mode == "release":
-    assert host_memory.release_freed_memory(torch.device("cpu"))
-torch.ones(4 << 20).sum()  # a 16 MiB block freed: glibc's default threshold rises to it
+assert host_memory.release_freed_memory(torch.device("cpu"))
+torch.ones(4 << 20).sum()  # a 16 MiB block freed: glibc's default threshold would rise
 print(freed_mib()[0])
 """
 
 
-def freed_mib(mode: str) -> float:
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True
-    )
+def freed_mib() -> float:
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True)
     return float(out.stdout)
 
 
 @glibc
-def test_the_training_threshold_returns_freed_tensors_and_glibcs_default_keeps_them():
-    kept = freed_mib("default")
-    returned = freed_mib("release")
-    assert kept < 20  # MiB: the heap holds the 200 MiB for reuse
-    assert returned > 190  # all 50 blocks of 4 MiB went back at once
+def test_the_training_threshold_returns_freed_tensors_at_once():
+    # glibc's default keeps them in the heap here (0 MiB back with glibc 2.36), but that
+    # depends on the glibc version, so only the setting's own effect is asserted
+    assert freed_mib() > 190  # MiB: all 50 blocks of 4 MiB went back
 
 
 MAPPED = """
@@ -85,9 +80,7 @@ print(outside, inside, after)
 
 @glibc
 def test_decoding_takes_megabyte_tensors_from_the_heap_and_training_from_mmap():
-    out = subprocess.run(
-        [sys.executable, "-c", MAPPED], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", MAPPED], capture_output=True, text=True, check=True)
     outside, inside, after = map(float, out.stdout.split())
     assert outside >= 4 and after >= 4  # MiB mapped for a 4 MiB tensor, training threshold
     assert inside == 0  # while decoding the heap serves it

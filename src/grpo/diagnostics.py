@@ -33,10 +33,11 @@ k2 = x^2 / 2 (x = ref_logp - logp). k1 = -x has gradient 1 everywhere."""
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Whether two models hold bitwise-equal tensors under the same names (one pass over
-    the weights: checked when a reference is loaded or restored, not every step)."""
+    the weights: checked when a reference is loaded or restored, not every step); the
+    models may sit on different devices."""
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(
-        x.shape == sb[k].shape and x.dtype == sb[k].dtype and torch.equal(x, sb[k])
+        x.shape == sb[k].shape and x.dtype == sb[k].dtype and torch.equal(x, sb[k].to(x.device))
         for k, x in sa.items()
     )
 

@@ -104,9 +104,9 @@ def wrap(model: nn.Module, strategy: str, runtime: Runtime, trained: bool = True
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    # forward_sync_buffers=False: buffers (RoPE frequencies) never change, and syncing
-    # them at every forward would make forward calls collectives
-    return DistributedDataParallel(LogpModule(model), device_ids=ids, forward_sync_buffers=False)
+    # broadcast_buffers=False: buffers (RoPE frequencies) never change, and syncing them
+    # at every forward would make forward calls collectives
+    return DistributedDataParallel(LogpModule(model), device_ids=ids, broadcast_buffers=False)
 
 
 def stateful(model: nn.Module) -> nn.Module:
