@@ -17,6 +17,24 @@ DEVICES = [
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64}
 
 
+@pytest.fixture(autouse=True)
+def _auto_device_is_the_cpu(monkeypatch):
+    """On a machine with a GPU, ``model.device=auto`` means the CPU in tests (their
+    hand-built batches are CPU tensors); tests over ``DEVICES`` ask for cuda by name, and
+    child processes see no GPU. A no-op without CUDA."""
+    if not torch.cuda.is_available():
+        return
+    from grpo import runtime
+
+    resolve = runtime.resolve_device
+    monkeypatch.setattr(
+        runtime,
+        "resolve_device",
+        lambda setting, local_rank=0: resolve("cpu" if setting == "auto" else setting, local_rank),
+    )
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from grpo.modeling import init_model_dir
