@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from grpo.runtime import AutocastState
+
 SWIGLU_MLPS = frozenset(
     f"transformers.models.{family}.modeling_{family}.{name}"
     for family, name in [
@@ -63,10 +65,6 @@ def _silu_classes() -> tuple[type, ...]:
     return (SiLUActivation, torch.nn.SiLU)
 
 
-def _autocast_state(device: str) -> tuple[str, bool, torch.dtype]:
-    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-
-
 class _SwiGLUDown(torch.autograd.Function):
     """``y [M, H] = (silu(a) * b) @ weight^T + bias`` saving ``a``, ``b`` (``[M, I]``) and
     ``weight``; ``m = silu(a) * b`` is recomputed in the backward pass."""
@@ -74,7 +72,7 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         m = F.silu(a) * b  # [M, I]
-        ctx.autocast = _autocast_state(a.device.type)
+        ctx.autocast = AutocastState.current(a.device.type)
         ctx.save_for_backward(a, b, weight)
         return F.linear(m, weight, bias)  # [M, H]
 
@@ -83,9 +81,7 @@ class _SwiGLUDown(torch.autograd.Function):
         a, b, weight = ctx.saved_tensors
         need_a, need_b, need_w, need_bias = ctx.needs_input_grad
         grad_a = grad_b = grad_w = grad_bias = None
-        device, enabled, dtype = ctx.autocast
-        # the forward's autocast again, so matmuls and casts are those autograd would run
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
+        with ctx.autocast.again():  # the matmuls and casts autograd would run
             if need_w:
                 m = F.silu(a) * b  # [M, I], recomputed
                 grad_w = (grad_y.flatten(0, -2).T @ m.flatten(0, -2)).to(weight.dtype)  # [H, I]
@@ -104,7 +100,7 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
-        ctx.autocast = _autocast_state(a.device.type)
+        ctx.autocast = AutocastState.current(a.device.type)
         ctx.save_for_backward(a, b)
         return F.silu(a) * b  # [M, I]
 
@@ -112,8 +108,7 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad_m: Tensor):
         a, b = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
+        with ctx.autocast.again():
             return _silu_mul_backward(grad_m, a, b, need_a, need_b, False)
 
 

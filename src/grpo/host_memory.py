@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -42,18 +43,16 @@ activation of a training pass (positions x hidden size x 4 bytes)."""
 DECODING_THRESHOLD = 32 << 20
 """Bytes from which an allocation is mmapped while decoding: glibc's own upper bound."""
 
-_libc: ctypes.CDLL | None = None
 _active = False
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        lib = ctypes.CDLL(name) if name else None
-        has_api = lib is not None and hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim")
-        _libc = lib if has_api and hasattr(lib, "gnu_get_libc_version") else False
-    return _libc or None
+    """The C library where it is glibc (``mallopt`` and ``malloc_trim``), else None."""
+    name = ctypes.util.find_library("c")
+    lib = ctypes.CDLL(name) if name else None
+    api = ("mallopt", "malloc_trim", "gnu_get_libc_version")
+    return lib if lib is not None and all(hasattr(lib, f) for f in api) else None
 
 
 def _set_threshold(nbytes: int) -> bool:

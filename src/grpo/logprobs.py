@@ -32,6 +32,7 @@ from grpo.hf import (
     position_ids,
     unwrap,
 )
+from grpo.runtime import AutocastState
 from grpo.types import Batch
 
 CHUNK_ELEMENTS = 1 << 24
@@ -196,8 +197,7 @@ class _ChunkedHeadLogp(torch.autograd.Function):
             if with_entropy:
                 log_probs = logits.sub_(lse[rows, None])  # [c, V], in place
                 entropy[rows] = -log_probs.exp().mul_(log_probs).sum(dim=-1)
-        device = hidden.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = AutocastState.current(hidden.device.type)
         ctx.transform, ctx.chunk = transform, chunk
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.mark_non_differentiable(entropy)
@@ -211,8 +211,7 @@ class _ChunkedHeadLogp(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None  # [M, H]
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None  # [V, H]
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None  # [V]
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
+        with ctx.autocast.again():
             for s in range(0, hidden.shape[0], chunk):
                 rows = slice(s, s + chunk)
                 h, g = hidden[rows], grad_logp[rows, None]  # [c, H], [c, 1]
@@ -229,7 +228,7 @@ class _ChunkedHeadLogp(torch.autograd.Function):
                 grad = grad.to(weight.dtype)  # [c, V] d logp / d (h W^T + b)
                 if need_h:
                     grad_h[rows] = (grad @ weight).to(hidden.dtype)  # [c, H]
-                if need_w and grad.dtype == grad_w.dtype and not enabled:
+                if need_w and grad.dtype == grad_w.dtype and not ctx.autocast.enabled:
                     # in place: a [V, H] temporary per chunk would cost V*H*4 bytes each time
                     grad_w.addmm_(grad.T, h.to(grad.dtype))  # [V, H]
                 elif need_w:

@@ -60,6 +60,25 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
+@dataclass(frozen=True)
+class AutocastState:
+    """The autocast in force on a device type when a custom ``autograd.Function`` ran its
+    forward; its backward pass re-enters it (autograd does not), so that the recomputed
+    matmuls and casts are those the forward made."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def current(cls, device_type: str) -> AutocastState:
+        enabled = torch.is_autocast_enabled(device_type)
+        return cls(device_type, enabled, torch.get_autocast_dtype(device_type))
+
+    def again(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
 @dataclass
 class Runtime:
     """This process's device, autocast and rank; the collectives of a multi-process run."""
