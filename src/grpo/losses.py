@@ -293,7 +293,8 @@ def unclipped_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor) -> Tensor:
     return -adv * ratio  # [N, T]
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> float:
-    """Mean of ``x`` over positions where ``mask`` is 1, as a Python float (0 if empty)."""
-    total = mask.sum()
-    return float((x * mask).sum() / total) if total > 0 else 0.0
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (0 if empty), a detached 0-dim
+    tensor on ``x``'s device: a metric, read on the host once per optimizer step, so the
+    micro-batches' passes are not made to wait for it."""
+    return ((x * mask).sum() / mask.sum().clamp(min=1)).detach()

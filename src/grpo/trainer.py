@@ -367,7 +367,7 @@ class GRPOTrainer:
         rt, length = self.runtime, cfg.rollout.max_completion_length
         norm = distributed.global_normaliser(mini.completion_mask, length, rt)
         self.optimizer.zero_grad(set_to_none=True)
-        parts, weights, loss = [], [], 0.0
+        losses, parts, tokens = [], [], []
         micro_batches = list(mini.micro_batches(micro))
         syncs = distributed.synced_micro_batches(self.policy.module, len(micro_batches))
         for mb, sync in zip(micro_batches, syncs, strict=True):
@@ -375,9 +375,13 @@ class GRPOTrainer:
                 logp, entropy = self.policy.logp(mb, with_entropy=True)  # [n, T] each
                 out = policy_loss(logp, entropy, mb, self.algorithm, cfg.algorithm, norm)
                 (out.loss * distributed.loss_scale(rt)).backward()
-            loss += out.loss.item()
+            losses.append(out.loss.detach())
             parts.append(out.metrics)
-            weights.append(mb.completion_mask.sum().item())
+            tokens.append(mb.completion_mask.sum())
+        # to the host once every pass is queued, not between micro-batches
+        loss = sum(x.item() for x in losses)
+        parts = [{k: v.item() for k, v in p.items()} for p in parts]
+        weights = [float(n) for n in tokens]
         grad_norm = distributed.clip_grad_norm(self.policy.module, cfg.optim.max_grad_norm)
         # a non-finite step is never applied; every process decides on the global loss
         applied = self.nonfinite.ok(distributed.global_sum(loss, rt), grad_norm)

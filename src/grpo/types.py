@@ -229,7 +229,8 @@ class Scored:
 
 @dataclass
 class LossOutput:
-    """A scalar loss to backpropagate and the detached metrics that explain it."""
+    """A scalar loss to backpropagate and the detached metrics (0-dim tensors) that
+    explain it."""
 
     loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
